@@ -1,0 +1,104 @@
+"""Per-epoch reference checkpoints: adapter, Adam moments and the epoch's mean learning rate.
+
+Layout of ``<output_dir>/<subdir>/epoch-N/`` (N = 1, 2, ...):
+
+- ``adapter_config.json``, ``adapter_model.safetensors``: the peft adapter (``save_pretrained``);
+  for a full fine-tune, ``model.safetensors`` with the trainable weights instead.
+- ``optimizer.safetensors``: ``<param name>.exp_avg`` and ``<param name>.exp_avg_sq`` (AdamW's m and
+  v) for every trainable parameter, names as in ``model.named_parameters()``.
+- ``checkpoint.json``: epoch, ``lr_mean`` (mean LR over the epoch's steps), steps, model id,
+  LoRA settings, Adam betas/eps, and the adapter's sha256 (written last: its presence marks a
+  complete checkpoint). The folder is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+
+from prism_lightning import __version__
+from prism_lightning.config import to_dict
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
+    """``{name.exp_avg, name.exp_avg_sq}`` for each parameter the optimizer holds state for."""
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state and p in names:
+                full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+                out[f"{names[p]}.exp_avg"] = full(state["exp_avg"]).detach().float().cpu().contiguous()
+                out[f"{names[p]}.exp_avg_sq"] = full(state["exp_avg_sq"]).detach().float().cpu().contiguous()
+    return out
+
+
+def save_reference_checkpoint(module, optimizer, folder: Path, info: dict) -> Path:
+    """Write one complete checkpoint folder atomically (temp folder + rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = module.model
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+        model.save_pretrained(str(tmp))
+        weights = tmp / "adapter_model.safetensors"
+    else:
+        weights = tmp / "model.safetensors"
+        save_file({n: p.detach().float().cpu().contiguous() for p, n in names.items()}, str(weights))
+    moments = adam_moments(optimizer, names)
+    if moments:
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+    info = dict(info, adapter_sha256=file_sha256(weights), package_version=__version__)
+    (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+class ReferenceCheckpoint(L.Callback):
+    """Saves ``<output_dir>/<subdir>/epoch-N/`` at the end of every training epoch (rank 0)."""
+
+    def __init__(self, subdir: str = "warmup"):
+        self.subdir = subdir
+        self._lr_sum = 0.0
+        self._lr_steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._lr_sum, self._lr_steps = 0.0, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._lr_sum += trainer.optimizers[0].param_groups[0]["lr"]
+        self._lr_steps += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        epoch = trainer.current_epoch + 1
+        opt = trainer.optimizers[0]
+        info = {"epoch": epoch, "lr_mean": self._lr_sum / max(1, self._lr_steps),
+                "epoch_steps": self._lr_steps, "global_step": trainer.global_step,
+                "model": to_dict(pl_module.model_args), "lora": to_dict(pl_module.lora_args),
+                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
+        folder = Path(pl_module.output_dir) / self.subdir / f"epoch-{epoch}"
+        if trainer.is_global_zero:
+            save_reference_checkpoint(pl_module, opt, folder, info)
+        trainer.strategy.barrier("reference-checkpoint")

@@ -1,0 +1,108 @@
+"""Turning rows into token ids with the loss restricted to response tokens.
+
+A row is rendered as ``prompt_ids + response_ids (+ EOS)``; labels are ``-100`` on the
+prompt so losses and likelihoods cover the response only. Chat prompts (message lists)
+go through the tokenizer's chat template when it has one. Over-long rows are cut from
+the left of the prompt (``truncation: left``, one summary warning) or refused
+(``truncation: error``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from prism_lightning.data.formats import DataFormatError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """Token ids of one prompt + response; ``prompt_len`` tokens carry no loss."""
+
+    input_ids: list[int]
+    prompt_len: int
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """Prompt text: a string as is, messages through the chat template (generation prompt on)."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+class Encoder:
+    """Encodes (prompt, response) with response-only labels and the truncation policy."""
+
+    def __init__(self, tokenizer, max_length: int = 512, truncation: str = "left", append_eos: bool = True):
+        if truncation not in ("left", "error"):
+            raise ValueError(f"truncation={truncation!r} must be 'left' or 'error'")
+        self.tok, self.max_length, self.truncation, self.append_eos = tokenizer, max_length, truncation, append_eos
+        self.truncated = 0
+
+    def encode(self, prompt, response: str, where: str) -> Encoded:
+        """Ids for one row; ``where`` names the row in errors (``file: row N``)."""
+        chat = not isinstance(prompt, str)
+        p_ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=not chat)["input_ids"]
+        r_ids = self.tok(response, add_special_tokens=False)["input_ids"]
+        eos = self.tok.eos_token_id
+        if self.append_eos and eos is not None and (not r_ids or r_ids[-1] != eos):
+            r_ids = r_ids + [eos]
+        total = len(p_ids) + len(r_ids)
+        if total > self.max_length:
+            if self.truncation == "error":
+                raise DataFormatError(f"{where}: {total} tokens exceed max_length={self.max_length}; raise "
+                                      "data.max_length or set data.truncation: left")
+            self.truncated += 1
+            keep = max(self.max_length - len(r_ids), 0)
+            p_ids = p_ids[len(p_ids) - keep:] if keep else []
+            r_ids = r_ids[: self.max_length - len(p_ids)]
+        if not r_ids:
+            raise DataFormatError(f"{where}: the response encodes to no tokens")
+        return Encoded(p_ids + r_ids, len(p_ids))
+
+    def warn_truncated(self, what: str) -> None:
+        """One summary warning for all rows cut to ``max_length``."""
+        if self.truncated:
+            warnings.warn(f"{what}: {self.truncated} rows longer than max_length={self.max_length} were "
+                          "truncated from the left of the prompt", stacklevel=2)
+        self.truncated = 0
+
+
+def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: ``input_ids``, ``attention_mask`` and response-only ``labels``."""
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        n = len(s.input_ids)
+        ids[b, :n] = torch.tensor(s.input_ids)
+        labels[b, s.prompt_len:n] = ids[b, s.prompt_len:n]
+        mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: ``sum_t log p(y_t | x, y_<t)`` over response tokens, and their count.
+
+    ``logits`` [B, T, V] predict the next token; ``labels`` [B, T] carry ``-100`` off the response.
+    The length-normalised log-likelihood is ``lbar = sum / count``; the loss is ``-lbar``.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE
+    safe = shift_labels.clamp_min(0)
+    logp = torch.log_softmax(shift_logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def mean_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``lbar`` per row: the token-mean log-likelihood of the response."""
+    total, count = sequence_logprob(logits, labels)
+    return total / count.clamp_min(1)

@@ -1,0 +1,50 @@
+"""Greedy-generation exact match, per subtask."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+from prism_lightning.data.tokenize import render_prompt
+
+
+def extract_answer(text: str, pattern: str | None = None) -> str:
+    """The answer inside ``text``: first group of ``pattern`` if given (else the whole text), stripped."""
+    text = text.strip()
+    if pattern:
+        m = re.search(pattern, text)
+        return (m.group(1) if m.groups() else m.group(0)).strip() if m else ""
+    return text
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens."""
+    device = next(model.parameters()).device
+    outs: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for s in range(0, len(prompts), batch_size):
+            texts = [render_prompt(tokenizer, p) for p in prompts[s: s + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+def exact_match_by_subtask(predictions: list[str], references: list[str], subtasks: list[str],
+                           pattern: str | None = None) -> dict[str, float]:
+    """``{subtask: mean[extract(pred) == extract(ref)]}`` plus ``all``."""
+    hits: dict[str, list[float]] = defaultdict(list)
+    for pred, ref, sub in zip(predictions, references, subtasks):
+        ok = float(extract_answer(pred, pattern) == extract_answer(ref, pattern))
+        hits[sub].append(ok)
+        hits["all"].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}

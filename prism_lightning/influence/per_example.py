@@ -1,0 +1,97 @@
+"""Exact per-example gradients of trainable ``nn.Linear`` layers in one forward and one backward.
+
+For a linear layer ``y = x W^T`` applied to the tokens of example b, the gradient of a loss that
+is a sum of per-example terms ``L = sum_b l_b`` with respect to ``W`` splits exactly as
+
+    dl_b/dW = sum_t (dL/dy[b, t])^T x[b, t]        (an einsum over tokens),
+
+because example b's loss depends only on example b's activations. So hooks on the LoRA A/B
+layers record ``x`` (forward) and ``dL/dy`` (backward) and the B separate gradients come out of a
+single backward pass. Padding tokens get zero ``dL/dy`` (they carry no loss and, with right
+padding and a causal mask, influence no real token), so they never leak into a gradient.
+
+The gradients are handed to ``consume(name, grads[B, out*in])`` module by module as the
+backward pass reaches them, so peak memory is B x (largest module), not B x P.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Trainable ``nn.Linear`` modules by name (the LoRA A/B layers of a peft model).
+
+    Raises if some trainable parameter is not such a layer's weight (e.g. a trained embedding or
+    bias), since its per-example gradient would be silently missing.
+    """
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    covered = {id(m.weight) for m in layers.values()}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if missing:
+        raise ValueError(f"per-example gradients cover trainable nn.Linear weights only; also trainable: "
+                         f"{missing[:3]} ... (train LoRA adapters without bias or modules_to_save)")
+    if not layers:
+        raise ValueError("the model has no trainable nn.Linear layer (is the LoRA adapter loaded trainable?)")
+    return layers
+
+
+class PerExampleGradients:
+    """Context manager that streams per-example weight gradients of the given layers.
+
+    Usage::
+
+        with PerExampleGradients(layers, consume):
+            per_row_loss = ...          # [B], each row's own loss
+            per_row_loss.sum().backward()
+
+    ``consume(name, g)`` receives ``g`` [B, out * in] in fp32 (row-major like ``W.flatten()``).
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], consume: Callable[[str, torch.Tensor], None]):
+        self.layers, self.consume = layers, consume
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            self._inputs[name] = inputs[0].detach()
+
+            def on_grad(grad_out: torch.Tensor) -> None:
+                x = self._inputs.pop(name, None)
+                if x is None:  # recomputation pass of activation checkpointing: already consumed
+                    return
+                g = torch.einsum("bto,bti->boi", grad_out.float(), x.float())
+                self.consume(name, g.reshape(g.shape[0], -1))
+
+            output.register_hook(on_grad)
+        return hook
+
+    def __enter__(self) -> PerExampleGradients:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+
+def adam_precondition(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                      beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """Adam's update direction for one more step on ``grad`` (METHOD.md, as in LESS).
+
+    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``Gamma(g) = m' / (sqrt(v') + eps)``;
+    ``grad`` [B, P], moments [P] broadcast over rows.
+    """
+    m = beta1 * exp_avg + (1 - beta1) * grad
+    v = beta2 * exp_avg_sq + (1 - beta2) * grad.square()
+    return m / (v.sqrt() + eps)

@@ -1,0 +1,115 @@
+"""PRISM scoring: preference weights, target directions for every mode, streamed scores.
+
+Notation (METHOD.md): per checkpoint i, candidate features ``f(z) = Gamma_i(g(z))`` [n, k], target
+features ``C_q = g(q, y+)``, ``R_q = g(q, y-)`` [m, k] and length-normalised log-likelihoods
+``lbar+_q``, ``lbar-_q``. Scores are ``s_i(z) = <f(z), d_i>`` for a target direction ``d_i`` and
+``s(z) = sum_i lr_i s_i(z)`` with ``lr_i`` the mean learning rate of warmup epoch i.
+``s(z) > 0``: training on z raises the target margin (helpful); ``s(z) < 0``: harmful.
+
+Modes (one scoring function, columns of one direction matrix):
+
+- ``prism``: ``d = (1/m) sum_q pi_q (C_q - R_q)``, ``pi_q = sigmoid(lbar+_q - lbar-_q)``.
+- ``prism_uniform``: ``d = (1/m) sum_q (C_q - R_q)`` (ablation: no preference weights).
+- ``prism_no_anchor``: ``d = (1/m) sum_q pi_q C_q`` (ablation: no rejected anchor).
+- ``less``: per target cosine ``<unit f, unit C_q>``, mean within a subtask, lr-weighted sum over
+  checkpoints, then max over subtasks (as in LESS).
+- ``ifguide``: ``d = unit(mean_q C_q) - unit(mean_q R_q)``: the unpaired contrast of IF-Guide's
+  wanted vs unwanted query sets; on paired data it differs from ``prism_uniform`` only by
+  normalising the two means separately.
+- ``random``: seeded standard-normal scores; ``loss``: ``-sum_i lr_i loss_i(z)`` (no gradients).
+
+With ``per_subtask=True`` the gradient modes build one direction per target subtask and take the
+max over subtasks after the checkpoint sum, like ``less``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+GRADIENT_MODES = ("prism", "prism_uniform", "prism_no_anchor", "less", "ifguide")
+MODES = GRADIENT_MODES + ("random", "loss")
+
+
+def preference_weights(lbar_chosen: torch.Tensor, lbar_rejected: torch.Tensor) -> torch.Tensor:
+    """``pi_q = sigmoid(lbar(y+|q) - lbar(y-|q))``: Bradley-Terry, no temperature, not renormalised."""
+    return torch.sigmoid(lbar_chosen - lbar_rejected)
+
+
+def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def direction(mode: str, chosen: torch.Tensor, rejected: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """The target direction [k] of one gradient mode from one group of pairs (see module doc)."""
+    if mode == "prism":
+        return (pi[:, None] * (chosen - rejected)).mean(0)
+    if mode == "prism_uniform":
+        return (chosen - rejected).mean(0)
+    if mode == "prism_no_anchor":
+        return (pi[:, None] * chosen).mean(0)
+    if mode == "less":
+        return _unit(chosen).mean(0)
+    if mode == "ifguide":
+        return _unit(chosen.mean(0)) - _unit(rejected.mean(0))
+    raise ValueError(f"mode {mode!r} has no gradient direction; modes: {MODES}")
+
+
+def subtask_groups(subtasks: list[str], per_subtask: bool) -> dict[str, list[int]]:
+    """Target rows per group: one group ``all`` or one per subtask (sorted)."""
+    if not per_subtask:
+        return {"all": list(range(len(subtasks)))}
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(subtasks):
+        groups.setdefault(s, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def direction_matrix(modes: Iterable[str], chosen: torch.Tensor, rejected: torch.Tensor, pi: torch.Tensor,
+                     subtasks: list[str], per_subtask: bool) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """All modes' directions as columns [k, D] and the (mode, group) of each column.
+
+    ``less`` is always per subtask (its definition); other modes only when ``per_subtask``.
+    """
+    cols, keys = [], []
+    for mode in modes:
+        if mode not in GRADIENT_MODES:
+            continue
+        for group, rows in subtask_groups(subtasks, per_subtask or mode == "less").items():
+            idx = torch.tensor(rows)
+            cols.append(direction(mode, chosen[idx].double(), rejected[idx].double(), pi[idx].double()))
+            keys.append((mode, group))
+    if not cols:
+        return torch.zeros(chosen.shape[1], 0, dtype=torch.float64), []
+    return torch.stack(cols, dim=1), keys
+
+
+def stream_dot(chunks: Iterable[torch.Tensor], matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F @ M, ||F||_row)`` over row chunks of F, in float64; memory is one chunk at a time."""
+    dots, norms = [], []
+    for chunk in chunks:
+        c = chunk.double()
+        dots.append(c @ matrix)
+        norms.append(c.norm(dim=1))
+    return torch.cat(dots), torch.cat(norms)
+
+
+def combine(per_checkpoint: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
+    """``s = sum_i lr_i s_i`` over checkpoints (lr_i: the epoch's mean learning rate)."""
+    return sum(lr * s for lr, s in zip(lrs, per_checkpoint))
+
+
+def reduce_groups(scores: torch.Tensor, keys: list[tuple[str, str]], modes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Per mode: its columns' max over subtask groups (a single column is returned as is)."""
+    out = {}
+    for mode in modes:
+        cols = [j for j, (m, _) in enumerate(keys) if m == mode]
+        if cols:
+            out[mode] = scores[:, cols].max(dim=1).values
+    return out
+
+
+def random_scores(n: int, seed: int) -> torch.Tensor:
+    """Seeded N(0, 1) scores (the ``random`` baseline)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

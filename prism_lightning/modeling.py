@@ -1,0 +1,89 @@
+"""Loading a causal LM, its tokenizer and a LoRA/QLoRA adapter the way a hub model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prism_lightning.config import LoraArgs, ModelArgs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``, with a clear error for unknown names."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(model: ModelArgs):
+    """``AutoTokenizer`` for the model, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(model: ModelArgs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in ``model.dtype``; 4-bit NF4 when quantized."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch_dtype(model.dtype), "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if model.quantization:
+        if model.quantization != "nf4":
+            raise ValueError(f"model.quantization={model.quantization!r}: only 'nf4' (QLoRA) is supported")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(model.dtype),
+            bnb_4bit_quant_storage=torch_dtype(model.dtype))
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+
+
+def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | None = None,
+                trainable: bool = True) -> nn.Module:
+    """Base model plus a fresh LoRA (seeded init) or the adapter saved at ``adapter_path``.
+
+    With ``lora.enabled=False`` every parameter trains (full fine-tune) and no adapter is added.
+    """
+    base = load_base_model(model)
+    if model.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    if not lora.enabled:
+        if adapter_path is not None:
+            raise ValueError("lora.enabled=false cannot load a LoRA adapter; point model.name_or_path "
+                             "at the full checkpoint instead")
+        return base
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is not None:
+        return PeftModel.from_pretrained(base, str(adapter_path), is_trainable=trainable)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora.init_seed)
+        peft_model = get_peft_model(base, config)
+    return peft_model
+
+
+def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name (the LoRA A/B matrices for a LoRA model)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

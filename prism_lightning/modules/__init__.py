@@ -1,0 +1,5 @@
+from prism_lightning.modules.features import GradientFeatureModule
+from prism_lightning.modules.sft import SFTModule
+from prism_lightning.modules.warmup import WarmupModule
+
+__all__ = ["GradientFeatureModule", "SFTModule", "WarmupModule"]

@@ -1,0 +1,216 @@
+"""``GradientFeatureModule``: per-example projected LoRA gradients for every warmup checkpoint.
+
+One ``predict`` call runs a pass per (checkpoint, split) and writes ``features/epoch-N/{pool,target}``
+(see ``prism_lightning.store.feature_store``). For each row it computes the exact gradient of its
+token-mean response loss w.r.t. the LoRA weights (``influence.per_example``), preconditions it
+(``adam`` with the checkpoint's moments for the pool, ``sgd`` = plain gradient for targets, or
+``identity``), projects it (``influence.projection``) and L2-normalises it (``normalize``).
+Needs ``Trainer(inference_mode=False)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+
+from prism_lightning import __version__
+from prism_lightning.config import LoraArgs, ModelArgs
+from prism_lightning.data.datamodule import PredictTask, num_shards
+from prism_lightning.data.tokenize import mean_logprob
+from prism_lightning.influence.per_example import PerExampleGradients, adam_precondition, lora_linears
+from prism_lightning.influence.projection import ProjectionArgs, Projector
+from prism_lightning.modeling import build_model, torch_dtype
+from prism_lightning.store.feature_store import (
+    FORMAT_VERSION,
+    atomic_write_text,
+    check_settings,
+    complete_shards,
+)
+from prism_lightning.store.writer import FeatureStoreWriter
+
+PRECONDITIONERS = ("adam", "sgd", "identity")
+
+
+def find_checkpoints(checkpoint_dir: str | Path, epochs: list[int] | None = None) -> list[tuple[int, Path, dict]]:
+    """Complete ``epoch-N`` folders (those with ``checkpoint.json``) as (N, folder, info), by N."""
+    root = Path(checkpoint_dir)
+    found = []
+    for folder in root.glob("epoch-*"):
+        meta = folder / "checkpoint.json"
+        if folder.is_dir() and meta.exists():
+            info = json.loads(meta.read_text())
+            if epochs is None or info["epoch"] in epochs:
+                found.append((int(info["epoch"]), folder, info))
+    if not found:
+        raise FileNotFoundError(f"{root}: no complete warmup checkpoint (epoch-N/checkpoint.json); run the "
+                                "warmup stage first or fix checkpoint_dir")
+    return sorted(found, key=lambda t: t[0])
+
+
+class GradientFeatureModule(L.LightningModule):
+    """Writes gradient features of the pool and the target pairs at each warmup checkpoint.
+
+    Args:
+        checkpoint_dir: the warmup folder holding ``epoch-N/`` checkpoints.
+        output_dir: run root; stores go to ``<output_dir>/features/epoch-N/<split>/``.
+        epochs: which checkpoints (default: all).
+        pool_preconditioner / target_preconditioner: ``adam`` | ``sgd`` | ``identity``.
+            ``sgd`` and ``identity`` both keep the plain gradient; ``sgd`` names LESS's target
+            features, ``identity`` the raw-gradient (TracIn-like) setting.
+        normalize: L2-normalise each feature (LESS's cosine similarity).
+        store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
+    """
+
+    def __init__(self, model: ModelArgs | None = None, checkpoint_dir: str = "runs/tiny/warmup",
+                 output_dir: str = "runs/tiny", epochs: list[int] | None = None,
+                 projection: ProjectionArgs | None = None, pool_preconditioner: str = "adam",
+                 target_preconditioner: str = "sgd", normalize: bool = True, store_dtype: str = "float32",
+                 splits: list[str] | None = None):
+        super().__init__()
+        for p in (pool_preconditioner, target_preconditioner):
+            if p not in PRECONDITIONERS:
+                raise ValueError(f"preconditioner {p!r} must be one of {PRECONDITIONERS}")
+        self.model_args, self.projection = model or ModelArgs(), projection or ProjectionArgs()
+        self.checkpoint_dir, self.output_dir, self.epochs = checkpoint_dir, output_dir, epochs
+        self.preconditioner = {"pool": pool_preconditioner, "target": target_preconditioner}
+        self.normalize, self.store_dtype = normalize, store_dtype
+        self.splits = splits or ["pool", "target"]
+        self.save_hyperparameters()
+        self.model = None
+        self.plan: list[PredictTask] = []
+        self._active: str | None = None
+
+    # ----- planning ------------------------------------------------------------------------
+    def store_dir(self, epoch: int, split: str) -> Path:
+        return Path(self.output_dir) / "features" / f"epoch-{epoch}" / split
+
+    def store_settings(self, epoch: int, folder: Path, info: dict, split: str, rows: int,
+                       fingerprint: str, dim: int, shard_size: int) -> dict:
+        """The manifest of one store: everything that determines its contents."""
+        proj = {k: v for k, v in asdict(self.projection).items() if k != "cache_mb"}
+        return {"format": FORMAT_VERSION, "split": split, "model": self.model_args.name_or_path,
+                "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
+                "lr_mean": info["lr_mean"], "dataset_fingerprint": fingerprint, "projection": proj,
+                "preconditioner": self.preconditioner[split], "normalize": self.normalize,
+                "dtype": self.store_dtype, "shard_size": shard_size, "rows": rows, "dim": dim,
+                "package_version": __version__, "complete": False}
+
+    def setup(self, stage: str) -> None:
+        if stage != "predict":
+            return
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("gradient features need Trainer(inference_mode=False)")
+        dm = self.trainer.datamodule
+        dm.load()
+        self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in find_checkpoints(self.checkpoint_dir, self.epochs)}
+        sizes = self._layer_sizes()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.plan, self.settings = [], {}
+        for tag, (epoch, folder, info) in self.checkpoints.items():
+            for split in self.splits:
+                dataset, _ = dm.split_dataset(split)
+                out = self.store_dir(epoch, split)
+                settings = self.store_settings(epoch, folder, info, split, len(dataset), dm.fingerprint(split),
+                                               Projector(self.projection, sizes).dim, dm.hparams.shard_size)
+                check_settings(out, settings)
+                self.settings[(tag, split)] = (out, settings)
+                total = num_shards(len(dataset), dm.hparams.shard_size)
+                todo = sorted(set(range(total)) - complete_shards(out, total))
+                mine = todo[rank::world]
+                if mine:
+                    self.plan.append(PredictTask(tag, split, mine))
+        self.trainer.strategy.barrier("feature-plan")
+        if self.trainer.is_global_zero:
+            for out, settings in self.settings.values():
+                if not (out / "manifest.json").exists():
+                    atomic_write_text(out / "manifest.json", json.dumps(settings, indent=2))
+        dm.predict_plan = self.plan
+
+    def _layer_sizes(self) -> dict[str, int]:
+        """LoRA layer sizes read from the first checkpoint's adapter file (no model needed)."""
+        _, folder, _ = next(iter(self.checkpoints.values()))
+        path = folder / "adapter_model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: no adapter_model.safetensors; gradient features need a LoRA "
+                                    "warmup (lora.enabled: true)")
+        weights = load_file(str(path))
+        return {k: v.numel() for k, v in weights.items()}
+
+    def configure_callbacks(self):
+        return [FeatureStoreWriter()]
+
+    # ----- model ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        _, folder, _ = next(iter(self.checkpoints.values()))
+        self.model = build_model(self.model_args, LoraArgs(), adapter_path=folder, trainable=True)
+        self.model.eval()
+        if self.model_args.gradient_checkpointing:  # HF checkpoints only in train mode: zero dropout instead
+            self.model.train()
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        self.layers = lora_linears(self.model)
+        self.param_names = {n: f"{n}.weight" for n in self.layers}
+
+    def activate(self, tag: str) -> None:
+        """Load checkpoint ``tag``'s adapter weights and Adam moments (once per pass)."""
+        if self._active == tag:
+            return
+        from peft import set_peft_model_state_dict
+
+        _, folder, info = self.checkpoints[tag]
+        set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
+                                                         device=str(self.device)))
+        self.moments = {}
+        opt_path = folder / "optimizer.safetensors"
+        if "adam" in self.preconditioner.values():
+            if not opt_path.exists():
+                raise FileNotFoundError(f"{folder}: no optimizer.safetensors for adam preconditioning")
+            state = load_file(str(opt_path), device=str(self.device))
+            for layer, pname in self.param_names.items():
+                if f"{pname}.exp_avg" not in state:
+                    raise KeyError(f"{opt_path}: no moments for {pname}; was it saved by another model?")
+                self.moments[layer] = (state[f"{pname}.exp_avg"].flatten(), state[f"{pname}.exp_avg_sq"].flatten())
+            self.adam = (info["betas"][0], info["betas"][1], info["eps"])
+        self.projector = Projector(self.projection, {n: m.weight.numel() for n, m in self.layers.items()})
+        self._active = tag
+
+    # ----- features ------------------------------------------------------------------------
+    def gradient_features(self, batch: dict, preconditioner: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, k], lbar [B]) of a batch: one forward, one backward."""
+        rows = batch["input_ids"].shape[0]
+        out = self.projector.new_output(rows, self.device)
+
+        def consume(name: str, grad: torch.Tensor) -> None:
+            if preconditioner == "adam":
+                m, v = self.moments[name]
+                grad = adam_precondition(grad, m, v, *self.adam)
+            self.projector.add(out, name, grad)
+
+        with torch.enable_grad(), PerExampleGradients(self.layers, consume):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lbar = mean_logprob(logits, batch["labels"])
+            (-lbar).sum().backward()
+        self.model.zero_grad(set_to_none=True)
+        if self.normalize:
+            out = out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return out.to(torch_dtype(self.store_dtype)).cpu(), lbar.detach().float().cpu()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        task = self.plan[dataloader_idx]
+        self.activate(task.tag)
+        feats, lbar = self.gradient_features(batch, self.preconditioner[task.split])
+        result = {"tag": task.tag, "split": task.split, "index": batch["index"].cpu()}
+        if task.split == "pool":
+            result.update(features=feats, loss=-lbar)
+        else:
+            n = int(batch["pairs"])
+            result.update(chosen=feats[:n], rejected=feats[n:], lbar_chosen=lbar[:n], lbar_rejected=lbar[n:])
+        return result

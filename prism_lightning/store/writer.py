@@ -1,0 +1,51 @@
+"""``FeatureStoreWriter``: a prediction writer that turns predict-step outputs into store shards."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from prism_lightning.data.datamodule import shard_rows
+from prism_lightning.store.feature_store import atomic_write_text, complete_shards, write_shard
+
+
+class FeatureStoreWriter(BasePredictionWriter):
+    """Buffers rows per (checkpoint, split, shard) and writes each shard once all its rows are in.
+
+    Each rank writes only the shards it computed; at the end rank 0 marks every store whose
+    shards are all present ``complete`` in its manifest (after a barrier).
+    """
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self._buffers: dict = defaultdict(list)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        key = (prediction["tag"], prediction["split"])
+        out, settings = pl_module.settings[key]
+        size, rows = settings["shard_size"], settings["rows"]
+        first = int(prediction["index"][0])
+        shard = first // size
+        buf = self._buffers[(key, shard)]
+        buf.append({k: v for k, v in prediction.items() if isinstance(v, torch.Tensor)})
+        have = sum(p["index"].numel() for p in buf)
+        if have == len(shard_rows(shard, size, rows)):
+            merged = {k: torch.cat([p[k] for p in buf]) for k in buf[0]}
+            order = torch.argsort(merged["index"])
+            write_shard(out, shard, {k: v[order] for k, v in merged.items()})
+            del self._buffers[(key, shard)]
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self._buffers:
+            raise RuntimeError(f"prediction ended with partial shards {sorted(k[1] for k in self._buffers)}")
+        trainer.strategy.barrier("feature-store")
+        if not trainer.is_global_zero:
+            return
+        for out, settings in pl_module.settings.values():
+            total = -(-settings["rows"] // settings["shard_size"])
+            if len(complete_shards(out, total)) == total:
+                atomic_write_text(out / "manifest.json", json.dumps(dict(settings, complete=True), indent=2))

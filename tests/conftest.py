@@ -1,0 +1,73 @@
+"""Shared fixtures and the single numerical tolerance used by every exactness test."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism_lightning import DEMO_DATA, TINY_MODEL
+
+# One tolerance for every "equals brute force" comparison in fp32.
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return Path(DEMO_DATA)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, demo_data) -> dict[str, Path]:
+    """A small slice of the demo data: 48 pool rows over all skills, 12 pairs, 24 eval rows."""
+    folder = tmp_path_factory.mktemp("small-data")
+    out = {}
+    for name, n_per in [("pool", 8), ("target_pairs", 2), ("eval", 4), ("eval_pairs", 2)]:
+        rows = [json.loads(x) for x in (demo_data / f"{name}.jsonl").read_text().splitlines()]
+        by_sub: dict[str, list] = {}
+        for r in rows:
+            by_sub.setdefault(r["subtask"], []).append(r)
+        keep = [r for sub in sorted(by_sub) for r in by_sub[sub][:n_per]]
+        out[name] = write_jsonl(folder / f"{name}.jsonl", keep)
+    return out
+
+
+def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, **lora) -> Path:
+    """Train a tiny LoRA warmup in-process (no CLI) and return the run root."""
+    import lightning as L
+
+    from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs
+    from prism_lightning.data import PrismDataModule
+    from prism_lightning.modules import WarmupModule
+
+    L.seed_everything(0, verbose=False)
+    dm = PrismDataModule(pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
+                         eval_pairs=None, train_on="pool", batch_size=8, max_length=64)
+    module = WarmupModule(model=ModelArgs(), lora=LoraArgs(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)),
+                          optim=OptimArgs(lr=2e-3), output_dir=str(root))
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    return root
+
+
+@pytest.fixture(scope="session")
+def warmed(tmp_path_factory, small_data) -> Path:
+    """A 2-epoch LoRA warmup on the small data (shared by feature and scoring tests)."""
+    return warmup_run(tmp_path_factory.mktemp("warm"), small_data)
