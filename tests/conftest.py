@@ -71,3 +71,15 @@ def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, **lora) -> Pa
 def warmed(tmp_path_factory, small_data) -> Path:
     """A 2-epoch LoRA warmup on the small data (shared by feature and scoring tests)."""
     return warmup_run(tmp_path_factory.mktemp("warm"), small_data)
+
+
+def run_cli(args: list[str], extra_path: str | None = None, timeout: int = 600) -> None:
+    """``python -m prism_lightning ARGS`` in a subprocess (needed for DDP); fails with its stderr."""
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(p for p in (str(REPO), extra_path) if p)
+    env = dict(os.environ, PYTHONPATH=path)
+    out = subprocess.run([sys.executable, "-m", "prism_lightning", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TOL
+from conftest import TOL, run_cli
 from safetensors.torch import load_file
 
 from prism_lightning.config import LoraArgs, ModelArgs
@@ -151,11 +150,9 @@ def test_ddp_two_processes_equal_single(warmed, small_data, tmp_path):
     common = ["--model.init_args.checkpoint_dir", str(warmed / "warmup"), "--data.pool", str(small_data["pool"]),
               "--data.target", str(small_data["target_pairs"]), "--data.shard_size", "16",
               "--data.eval_batch_size", "5", "--model.init_args.projection.dim", "256"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     for name, extra in (("single", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        subprocess.run([sys.executable, "-m", "prism_lightning", "predict", "--config",
-                        "configs/tiny/features.yaml", "--model.init_args.output_dir", str(tmp_path / name),
-                        *common, *extra], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+        run_cli(["predict", "--config", "configs/tiny/features.yaml", "--model.init_args.output_dir",
+                 str(tmp_path / name), *common, *extra])
     for epoch in (1, 2):
         for split, keys in (("pool", ["features", "loss", "index"]), ("target", ["chosen", "lbar_chosen"])):
             a = FeatureStore(tmp_path / "single" / "features" / f"epoch-{epoch}" / split)

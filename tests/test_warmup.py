@@ -70,7 +70,7 @@ def test_warmup_lowers_pool_loss(warmed, small_data, tmp_path):
     fresh.save_pretrained(str(tmp_path / "init"))
     before = _mean_loss(tmp_path / "init", small_data)
     after = _mean_loss(warmed / "warmup" / "epoch-2", small_data)
-    assert after < before - 0.05, (before, after)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_qlora_warmup_runs_on_cpu(tmp_path, small_data):

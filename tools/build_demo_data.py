@@ -203,8 +203,8 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
 
 # Pretraining mix: rows per skill (None = all) and repeats, tuned so that the tiny model only
 # partly solves each skill (measured accuracies are in the model card).
-PRETRAIN_MIX = {"add": (500, 1), "sub": (500, 1), "reverse": (2000, 1), "sort": (3000, 1),
-                "lookup": (None, 5), "check": (None, 1)}
+PRETRAIN_MIX = {"add": (1500, 1), "sub": (1500, 1), "reverse": (1000, 1), "sort": (1500, 1),
+                "lookup": (None, 2), "check": (None, 1)}
 
 
 def pretrain_rows(seed: int = SEED) -> list[dict]:

@@ -14,6 +14,7 @@ from prism_lightning import DEMO_DATA
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
 from prism_lightning.data.formats import Columns, DataFormatError, PairRow, SFTRow, load_pairs, load_sft
 from prism_lightning.data.tokenize import Encoder
+from prism_lightning.select import SelectionArgs
 
 
 @dataclass
@@ -51,8 +52,8 @@ class ShardBatches(IterableDataset):
             for start in range(rows.start, rows.stop, self.batch_size):
                 yield list(range(start, min(start + self.batch_size, rows.stop)))
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self._batches())
+    # No __len__ on purpose: Lightning would all-reduce every loader's length across ranks, and
+    # ranks may hold different numbers of batches.
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -74,6 +75,9 @@ class PrismDataModule(L.LightningDataModule):
             or ``selection`` (the rows a selection keeps; see the ``select`` stage).
         max_length / truncation: token budget per row; ``left`` cuts the prompt, ``error`` refuses.
         shard_size: rows per feature-store shard (prediction splits work by whole shards).
+        selection_file: rows to train on with ``train_on: selection`` (a ``selected.jsonl``); or
+        selection_dir / selection_mode: use ``<selection_dir>/<mode>/selected.jsonl``, computed on
+            rank 0 from ``features_dir`` with ``selection`` settings when missing.
     """
 
     def __init__(self, pool: str = f"{DEMO_DATA}/pool.jsonl",
@@ -84,14 +88,17 @@ class PrismDataModule(L.LightningDataModule):
                  train_on: str = "warmup", warmup_fraction: float = 0.05, seed: int = 0,
                  max_length: int = 256, truncation: str = "left", batch_size: int = 8,
                  eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
-                 selection_file: str | None = None):
+                 selection_file: str | None = None, selection_dir: str | None = None,
+                 selection_mode: str = "prism", features_dir: str | None = None,
+                 selection: SelectionArgs | None = None):
         super().__init__()
         if train_on not in ("warmup", "pool", "selection"):
             raise ValueError(f"data.train_on={train_on!r} must be 'warmup', 'pool' or 'selection'")
         if not 0 < warmup_fraction <= 1:
             raise ValueError(f"data.warmup_fraction={warmup_fraction} must be in (0, 1]")
         self.save_hyperparameters()
-        self.cols = columns or Columns()
+        self.cols = Columns(**columns) if isinstance(columns, dict) else (columns or Columns())
+        self.selection_args = SelectionArgs(**selection) if isinstance(selection, dict) else selection
         self.predict_plan: list[PredictTask] | None = None
         self._tokenizer = None
         self._ready = False
@@ -143,9 +150,32 @@ class PrismDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
-        if stage == "fit" and self.hparams.train_on == "selection" and not self.hparams.selection_file:
-            raise DataFormatError("data.train_on=selection needs data.selection_file (a selected.jsonl or "
-                                  "kept-ids file written by `prism_lightning select`)")
+        if stage == "fit" and self.hparams.train_on == "selection":
+            self.ensure_selection()
+
+    def selection_path(self) -> Path:
+        hp = self.hparams
+        if hp.selection_file:
+            return Path(hp.selection_file)
+        if hp.selection_dir:
+            return Path(hp.selection_dir) / hp.selection_mode / "selected.jsonl"
+        raise DataFormatError("data.train_on=selection needs data.selection_file or data.selection_dir (written "
+                              "by `prism_lightning select`)")
+
+    def ensure_selection(self) -> Path:
+        """The selection file; computed on rank 0 (others wait at a barrier) when it is missing."""
+        path, hp = self.selection_path(), self.hparams
+        trainer = self.trainer
+        if not path.exists() and hp.features_dir and (trainer is None or trainer.is_global_zero):
+            from prism_lightning.select import run_selection
+
+            run_selection(hp.features_dir, Path(path).parent.parent, [hp.selection_mode],
+                          self.selection_args or SelectionArgs(), self.pool_rows, self.target_rows)
+        if trainer is not None:
+            trainer.strategy.barrier("selection")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no selection; run `prism_lightning select` or set data.features_dir")
+        return path
 
     # ----- row subsets ---------------------------------------------------------------------
     def warmup_indices(self) -> list[int]:
@@ -155,8 +185,8 @@ class PrismDataModule(L.LightningDataModule):
         return sorted(random.Random(self.hparams.seed).sample(range(n), k))
 
     def selection_indices(self) -> list[int]:
-        """Pool rows listed (by ``id``) in ``selection_file``."""
-        path = Path(self.hparams.selection_file)
+        """Pool rows listed (by ``id``) in the selection file."""
+        path = self.selection_path()
         ids = [r.id for r in load_sft(path, self.cols)] if path.suffix != ".txt" else \
             [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         by_id = {r.id: i for i, r in enumerate(self.pool_rows)}

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from prism_lightning import __version__
 from prism_lightning.config import LoraArgs, ModelArgs
 from prism_lightning.data.datamodule import PredictTask, num_shards
-from prism_lightning.data.tokenize import mean_logprob
-from prism_lightning.influence.per_example import PerExampleGradients, adam_precondition, lora_linears
+from prism_lightning.influence.extract import adam_preconditioner, gradient_features
+from prism_lightning.influence.per_example import lora_linears
 from prism_lightning.influence.projection import ProjectionArgs, Projector
 from prism_lightning.modeling import build_model, torch_dtype
 from prism_lightning.store.feature_store import (
@@ -121,9 +121,8 @@ class GradientFeatureModule(L.LightningModule):
                 self.settings[(tag, split)] = (out, settings)
                 total = num_shards(len(dataset), dm.hparams.shard_size)
                 todo = sorted(set(range(total)) - complete_shards(out, total))
-                mine = todo[rank::world]
-                if mine:
-                    self.plan.append(PredictTask(tag, split, mine))
+                if todo:  # same tasks on every rank (some may get no shard), so ranks stay in step
+                    self.plan.append(PredictTask(tag, split, todo[rank::world]))
         self.trainer.strategy.barrier("feature-plan")
         if self.trainer.is_global_zero:
             for out, settings in self.settings.values():
@@ -184,24 +183,10 @@ class GradientFeatureModule(L.LightningModule):
 
     # ----- features ------------------------------------------------------------------------
     def gradient_features(self, batch: dict, preconditioner: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, k], lbar [B]) of a batch: one forward, one backward."""
-        rows = batch["input_ids"].shape[0]
-        out = self.projector.new_output(rows, self.device)
-
-        def consume(name: str, grad: torch.Tensor) -> None:
-            if preconditioner == "adam":
-                m, v = self.moments[name]
-                grad = adam_precondition(grad, m, v, *self.adam)
-            self.projector.add(out, name, grad)
-
-        with torch.enable_grad(), PerExampleGradients(self.layers, consume):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            lbar = mean_logprob(logits, batch["labels"])
-            (-lbar).sum().backward()
-        self.model.zero_grad(set_to_none=True)
-        if self.normalize:
-            out = out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return out.to(torch_dtype(self.store_dtype)).cpu(), lbar.detach().float().cpu()
+        """(features [B, k] in ``store_dtype`` on CPU, lbar [B]) of a batch."""
+        pre = adam_preconditioner(self.moments, *self.adam) if preconditioner == "adam" else None
+        feats, lbar = gradient_features(self.model, self.layers, batch, self.projector, pre, self.normalize)
+        return feats.to(torch_dtype(self.store_dtype)).cpu(), lbar.cpu()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         task = self.plan[dataloader_idx]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.data.tokenize import mean_logprob
 from prism_lightning.modeling import build_model, trainable_named_parameters
+from prism_lightning.store.feature_store import atomic_write_text
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float):
@@ -25,17 +30,26 @@ def linear_schedule(total_steps: int, warmup_ratio: float):
 class SFTModule(L.LightningModule):
     """LoRA / QLoRA / full SFT with loss ``l(z) = -lbar(completion | prompt)`` averaged over rows.
 
+    Validation/test (torchmetrics, per subtask and ``all``): response loss, greedy exact match
+    (``generate_eval``; ``answer_pattern`` is a regex whose first group is the answer), preference
+    accuracy ``mean[lbar(chosen) > lbar(rejected)]`` and mean margin on held-out pairs; written
+    to ``<output_dir>/<stage_dir>/metrics-{val,test}.json``.
+
     The model is built in ``configure_model`` (so strategies can shard it) from ``model`` and
     ``lora``; ``adapter_path`` starts from a saved adapter instead of a fresh one.
     Lightning checkpoints hold only the trainable parameters (the base stays on disk).
     """
 
+    stage_dir = "sft"
+
     def __init__(self, model: ModelArgs | None = None, lora: LoraArgs | None = None,
                  optim: OptimArgs | None = None, output_dir: str = "runs/tiny",
-                 adapter_path: str | None = None):
+                 adapter_path: str | None = None, generate_eval: bool = False, max_new_tokens: int = 16,
+                 answer_pattern: str | None = None):
         super().__init__()
         self.model_args, self.lora_args = model or ModelArgs(), lora or LoraArgs()
         self.optim_args, self.output_dir, self.adapter_path = optim or OptimArgs(), output_dir, adapter_path
+        self.generate_eval, self.max_new_tokens, self.answer_pattern = generate_eval, max_new_tokens, answer_pattern
         self.save_hyperparameters()
         self.model = None
         self.strict_loading = False
@@ -55,26 +69,67 @@ class SFTModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+    # ----- evaluation ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):
+            dm = self.trainer.datamodule
+            dm.load()
+            subs = sorted({r.subtask for r in dm.eval_rows} | {r.subtask for r in dm.eval_pair_rows})
+            names = [f"{m}/{s}" for s in subs + ["all"] for m in ("loss", "exact_match", "pref_acc", "pref_margin")]
+            self.eval_metrics = torch.nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
+
+    def _update(self, name: str, values: torch.Tensor, subtasks: list[str]) -> None:
+        for sub in set(subtasks):
+            mask = torch.tensor([s == sub for s in subtasks], device=values.device)
+            self.eval_metrics[f"{name}__{sub}"].update(values[mask].float())
+        self.eval_metrics[f"{name}__all"].update(values.float())
+
+    def _eval_step(self, batch: dict) -> None:
+        dm = self.trainer.datamodule
         if "pairs" in batch:
-            return self._pair_metrics(batch, "val")
-        loss = self.row_loss(batch).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0],
-                 add_dataloader_idx=False, sync_dist=True)
+            n = int(batch["pairs"])
+            lbar = -self.row_loss(batch)
+            margin = lbar[:n] - lbar[n:]
+            subs = [dm.eval_pair_rows[i].subtask for i in batch["index"].tolist()]
+            self._update("pref_acc", (margin > 0).float(), subs)
+            self._update("pref_margin", margin, subs)
+            return
+        rows = [dm.eval_rows[i] for i in batch["index"].tolist()]
+        subs = [r.subtask for r in rows]
+        self._update("loss", self.row_loss(batch), subs)
+        if self.generate_eval:
+            from prism_lightning.eval.generation import extract_answer, greedy_generate
+
+            preds = greedy_generate(self.model, dm.tokenizer, [r.prompt for r in rows], self.max_new_tokens)
+            hits = [float(extract_answer(p, self.answer_pattern) == extract_answer(r.completion, self.answer_pattern))
+                    for p, r in zip(preds, rows)]
+            self._update("exact_match", torch.tensor(hits, device=self.device), subs)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "pairs" in batch:
-            return self._pair_metrics(batch, "test")
-        self.log("test/loss", self.row_loss(batch).mean(), batch_size=batch["input_ids"].shape[0],
-                 add_dataloader_idx=False, sync_dist=True)
+        self._eval_step(batch)
 
-    def _pair_metrics(self, batch: dict, prefix: str) -> None:
-        n = int(batch["pairs"])
-        lbar = -self.row_loss(batch)
-        margin = lbar[:n] - lbar[n:]
-        self.log(f"{prefix}/pref_acc", (margin > 0).float().mean(), batch_size=n,
-                 add_dataloader_idx=False, sync_dist=True)
-        self.log(f"{prefix}/pref_margin", margin.mean(), batch_size=n, add_dataloader_idx=False, sync_dist=True)
+    def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
+        results = {}
+        for key, metric in self.eval_metrics.items():
+            if metric.update_called:
+                name = key.replace("__", "/")
+                results[name] = float(metric.compute())
+                self.log(f"{prefix}/{name}", results[name], prog_bar=name in ("loss/all", "exact_match/all"))
+            metric.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking and results:
+            path = Path(self.output_dir) / self.stage_dir / f"metrics-{prefix}.json"
+            atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True))
+        self.last_metrics = results
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
 
     def configure_optimizers(self):
         params = list(trainable_named_parameters(self.model).values())

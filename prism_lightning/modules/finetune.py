@@ -1,0 +1,34 @@
+"""``FinetuneModule``: the final fine-tune on the selected (forward) or kept (repair) pool rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prism_lightning.modules.sft import SFTModule
+
+
+class FinetuneModule(SFTModule):
+    """LoRA / QLoRA / full fine-tune on ``data.train_on: selection``; evaluates by greedy exact match.
+
+    Saves the final adapter (peft ``save_pretrained``; a full fine-tune saves the whole model) to
+    ``<output_dir>/<run_name>/adapter/`` and, with ``save_merged``, LoRA merged into the base under
+    ``<output_dir>/<run_name>/merged/`` (Hugging Face format, loadable with ``from_pretrained``).
+    """
+
+    def __init__(self, *args, run_name: str = "finetune", save_merged: bool = False,
+                 generate_eval: bool = True, **kwargs):
+        super().__init__(*args, generate_eval=generate_eval, **kwargs)
+        self.run_name, self.save_merged = run_name, save_merged
+        self.stage_dir = run_name
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = Path(self.output_dir) / self.run_name
+        self.model.save_pretrained(str(folder / "adapter"))
+        if self.save_merged and hasattr(self.model, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(str(folder / "merged"))
+            self.trainer.datamodule.tokenizer.save_pretrained(str(folder / "merged"))

@@ -1,0 +1,197 @@
+"""The ``select`` stage: feature stores -> scores, subsets, weights, ranking metrics and plots.
+
+Writes ``<selection_dir>/<mode>/{scores.jsonl, selected.jsonl, weights.jsonl, manifest.json}`` for
+every mode, and, when the pool has a ground-truth column, ``ranking_metrics.json``, ``roc.png``
+and ``score_distributions.png`` in ``<selection_dir>``. Every store is read once for all modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from prism_lightning.data.formats import PairRow, SFTRow
+from prism_lightning.influence.scoring import (
+    GRADIENT_MODES,
+    MODES,
+    combine,
+    direction_matrix,
+    preference_weights,
+    random_scores,
+    reduce_groups,
+    stream_dot,
+)
+from prism_lightning.influence.selection import budget, choose, rank_order
+from prism_lightning.store.feature_store import FeatureStore, StoreMismatchError, atomic_write_text
+
+# Manifest keys a store must share with the settings being scored (and pool with target stores).
+SCORING_KEYS = ("model", "projection", "normalize", "dim")
+
+
+@dataclass
+class SelectionArgs:
+    """How to turn scores into a subset.
+
+    task: ``forward`` (keep the top) or ``repair`` (drop the bottom, keep the rest).
+    fraction / k: the budget (exactly one): rows kept (forward) or removed (repair).
+    per_subtask_direction: one direction per target subtask, max over subtasks (``less`` always).
+    per_subtask_quota: spread the budget over pool subtasks in proportion to their size.
+    epochs: checkpoints to use (default: every complete store).
+    chunk_rows: pool rows scored at a time (memory = chunk_rows x k).
+    label: ground-truth column for ranking metrics (skipped when the pool lacks it).
+    """
+
+    task: str = "forward"
+    fraction: float | None = 0.05
+    k: int | None = None
+    per_subtask_direction: bool = False
+    per_subtask_quota: bool = False
+    epochs: list[int] | None = None
+    chunk_rows: int = 8192
+    seed: int = 0
+    label: str | None = "harmful"
+    plots: bool = True
+
+
+def parse_modes(modes: str | list[str]) -> list[str]:
+    """``"prism,less"`` or a list -> validated list of modes."""
+    out = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    bad = [m for m in out if m not in MODES]
+    if bad or not out:
+        raise ValueError(f"unknown modes {bad or modes!r}; choose from {', '.join(MODES)}")
+    return out
+
+
+def _stores(features_dir: Path, epochs: list[int] | None, need_target: bool) -> list[tuple]:
+    """(epoch, pool store, target store or None) for each complete checkpoint, by epoch."""
+    found = []
+    for folder in sorted(features_dir.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
+        epoch = int(folder.name.split("-")[1])
+        if epochs is not None and epoch not in epochs:
+            continue
+        pool = FeatureStore(folder / "pool")
+        target = FeatureStore(folder / "target") if need_target else None
+        found.append((epoch, pool, target))
+    if not found:
+        raise FileNotFoundError(f"{features_dir}: no feature stores (epoch-N/pool); run the predict stage first")
+    return found
+
+
+def _check(store: FeatureStore, expected: dict, what: str) -> None:
+    diffs = [f"{k}: store has {store.manifest.get(k)!r}, scoring with {expected[k]!r}"
+             for k in SCORING_KEYS if k in expected and store.manifest.get(k) != expected[k]]
+    if diffs:
+        raise StoreMismatchError(f"{store.folder} ({what}) was built with other settings: {'; '.join(diffs)}. "
+                                 "Re-extract features with the current model/projection or score with the store's.")
+
+
+def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionArgs, pool: list[SFTRow],
+                   targets: list[PairRow], expected: dict | None = None) -> tuple[dict, dict, list[dict]]:
+    """Scores per mode [n] (float64), pi per target pair per epoch, and the stores' manifests."""
+    grad_modes = [m for m in modes if m in GRADIENT_MODES]
+    stores = _stores(Path(features_dir), args.epochs, need_target=bool(grad_modes))
+    per_epoch, lrs, losses, weights, manifests = [], [], [], {}, []
+    subtasks = [t.subtask for t in targets]
+    for epoch, pstore, tstore in stores:
+        if len(pstore) != len(pool):
+            raise StoreMismatchError(f"{pstore.folder}: {len(pstore)} rows but the pool has {len(pool)}; the "
+                                     "features were extracted for another pool")
+        _check(pstore, expected or {}, "pool")
+        lrs.append(float(pstore.manifest["lr_mean"]))
+        manifests.append(pstore.manifest)
+        if "loss" in modes:
+            losses.append(pstore.load("loss").double())
+        if not grad_modes:
+            continue
+        if len(tstore) != len(targets):
+            raise StoreMismatchError(f"{tstore.folder}: {len(tstore)} pairs but the target set has {len(targets)}")
+        _check(tstore, {k: pstore.manifest[k] for k in SCORING_KEYS}, "target vs pool")
+        manifests.append(tstore.manifest)
+        pi = preference_weights(tstore.load("lbar_chosen").double(), tstore.load("lbar_rejected").double())
+        weights[f"epoch-{epoch}"] = pi
+        matrix, keys = direction_matrix(grad_modes, tstore.load("chosen"), tstore.load("rejected"), pi,
+                                        subtasks, args.per_subtask_direction)
+        dots, norms = stream_dot((c["features"] for c in pstore.iter_chunks(["features"], args.chunk_rows)), matrix)
+        less_cols = [j for j, (m, _) in enumerate(keys) if m == "less"]
+        dots[:, less_cols] /= norms.clamp_min(1e-12)[:, None]  # LESS: cosine with unit candidate
+        per_epoch.append(dots)
+    scores = reduce_groups(combine(per_epoch, lrs), keys, grad_modes) if grad_modes else {}
+    if "loss" in modes:
+        scores["loss"] = -combine(losses, lrs)
+    if "random" in modes:
+        scores["random"] = random_scores(len(pool), args.seed)
+    return {m: scores[m] for m in modes}, weights, manifests
+
+
+def _row_record(row: SFTRow) -> dict:
+    rec = {"id": row.id}
+    if isinstance(row.prompt, list):
+        rec["messages"] = row.prompt + [{"role": "assistant", "content": row.completion}]
+    else:
+        rec.update(prompt=row.prompt, completion=row.completion)
+    return rec | {"subtask": row.subtask} | row.extra
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: str | list[str], args: SelectionArgs,
+                  pool: list[SFTRow], targets: list[PairRow], expected: dict | None = None,
+                  force: bool = False) -> dict:
+    """Score, select and write every output file; returns ``{mode: summary}`` (+ ranking metrics)."""
+    modes = parse_modes(modes)
+    out = Path(selection_dir)
+    ids = [r.id for r in pool]
+    count = budget(len(pool), args.fraction, args.k)  # fail on a bad budget before reading stores
+    scores, weights, manifests = compute_scores(features_dir, modes, args, pool, targets, expected)
+    stores = [{"folder": m.get("adapter_path"), "split": m["split"], "epoch": m["epoch"],
+               "adapter_sha256": m["adapter_sha256"], "manifest_sha256": _digest(m)} for m in manifests]
+    summary: dict = {}
+    quota = [r.subtask for r in pool] if args.per_subtask_quota else None
+    for mode in modes:
+        settings = {"mode": mode, "selection": asdict(args), "stores": stores, "pool_rows": len(pool),
+                    "targets": len(targets)}
+        mdir = out / mode
+        old = mdir / "manifest.json"
+        if old.exists() and not force:
+            prev = json.loads(old.read_text())
+            if {k: prev.get(k) for k in settings} != settings:
+                raise StoreMismatchError(f"{mdir} holds a selection made with other settings; use another "
+                                         "output_dir or --force to replace it")
+        keep = choose(scores[mode], ids, args.task, args.fraction, args.k, quota)
+        order = rank_order(scores[mode], ids)
+        rank = [0] * len(ids)
+        for r, i in enumerate(order, start=1):
+            rank[i] = r
+        _jsonl(mdir / "scores.jsonl", [{"id": ids[i], "score": float(scores[mode][i]), "rank": rank[i],
+                                         "selected": bool(keep[i])} for i in range(len(ids))])
+        _jsonl(mdir / "selected.jsonl", [_row_record(pool[i]) for i in range(len(ids)) if keep[i]])
+        _jsonl(mdir / "weights.jsonl", [{"id": t.id, "subtask": t.subtask,
+                                          "pi": {e: float(w[j]) for e, w in weights.items()}}
+                                         for j, t in enumerate(targets)])
+        atomic_write_text(old, json.dumps(dict(settings, selected_rows=int(keep.sum()), budget=count), indent=2))
+        summary[mode] = {"selected_rows": int(keep.sum()), "dir": str(mdir)}
+    labels = [r.extra.get(args.label) for r in pool] if args.label else []
+    if labels and all(v is not None for v in labels):
+        from prism_lightning.eval.ranking import ranking_report
+
+        harmful = torch.tensor([bool(v) for v in labels])
+        frac = args.fraction if args.fraction is not None else args.k / len(pool)
+        report = ranking_report(scores, harmful, [r.subtask for r in pool], frac)
+        atomic_write_text(out / "ranking_metrics.json", json.dumps(report, indent=2))
+        summary["ranking_metrics"] = report
+        if args.plots and harmful.any():
+            from prism_lightning.eval.plots import plot_roc, plot_score_distributions
+
+            plot_roc(scores, harmful, out / "roc.png")
+            plot_score_distributions(scores, harmful, out / "score_distributions.png")
+    return summary

@@ -1,0 +1,107 @@
+"""The whole pipeline in-process on a shrunken config; outputs, report consistency, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import write_jsonl
+
+from prism_lightning.cli import main
+
+MODES = "prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss"
+
+
+@pytest.fixture(scope="module")
+def fast_data(tmp_path_factory, demo_data):
+    """10 rows per skill of the mistake-math pool (keeping its harmful add rows), small eval sets."""
+    folder = tmp_path_factory.mktemp("fast-data")
+
+    def take(name, per, keep=lambda r: True):
+        rows = [json.loads(x) for x in (demo_data / name).read_text().splitlines()]
+        out, count = [], {}
+        for r in rows:
+            if keep(r) and count.get(r["subtask"], 0) < per:
+                out.append(r)
+                count[r["subtask"]] = count.get(r["subtask"], 0) + 1
+        return out
+
+    pool = take("pool_mistake_math.jsonl", 6, lambda r: not r["harmful"])
+    pool += take("pool_mistake_math.jsonl", 4, lambda r: r["harmful"])
+    clean_ids = {r["id"] for r in pool}
+    clean = [r for r in take("pool.jsonl", 100) if r["id"] in clean_ids]
+    return {"pool": write_jsonl(folder / "pool.jsonl", pool), "clean": write_jsonl(folder / "clean.jsonl", clean),
+            "target": write_jsonl(folder / "target.jsonl", take("target_mistake_math.jsonl", 8)),
+            "eval": write_jsonl(folder / "eval.jsonl", take("eval.jsonl", 3)),
+            "eval_pairs": write_jsonl(folder / "eval_pairs.jsonl", take("eval_pairs.jsonl", 3))}
+
+
+def pipeline_args(data, out):
+    exp = {"name": "repair_fast", "kind": "repair", "pool": str(data["pool"]), "target": str(data["target"]),
+           "subtask": "add", "clean_pool": str(data["clean"]), "fraction": 0.1}
+    return ["pipeline", "--config", "configs/tiny/pipeline.yaml", "--output_dir", str(out),
+            "--data.eval_sft", str(data["eval"]), "--data.eval_pairs", str(data["eval_pairs"]),
+            "--data.warmup_fraction", "0.5", "--pipeline.experiments", json.dumps([exp]),
+            "--pipeline.warmup_epochs", "2", "--pipeline.finetune_epochs", "1",
+            "--pipeline.projection.dim", "512", "--pipeline.modes", MODES]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, fast_data):
+    out = tmp_path_factory.mktemp("pipeline-a")
+    main(pipeline_args(fast_data, out))
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_and_report(full_run):
+    run = full_run / "repair_fast" / "seed-0"
+    for stage in ("warmup", "features", "selection"):
+        assert (run / stage / "stage.json").exists()
+    assert sorted(p.name for p in (run / "warmup").glob("epoch-*")) == ["epoch-1", "epoch-2"]
+    for epoch in (1, 2):
+        for split in ("pool", "target"):
+            assert json.loads((run / "features" / f"epoch-{epoch}" / split / "manifest.json").read_text())["complete"]
+    for f in ("ranking_metrics.json", "roc.png", "score_distributions.png"):
+        assert (run / "selection" / f).exists()
+    report = json.loads((full_run / "report.json").read_text())
+    assert (full_run / "report.md").read_text().startswith("# prism_lightning report")
+    ranking = json.loads((run / "selection" / "ranking_metrics.json").read_text())
+    result = report["results"][0]
+    for mode in MODES.split(","):
+        for f in ("scores.jsonl", "selected.jsonl", "weights.jsonl", "manifest.json"):
+            assert (run / "selection" / mode / f).exists()
+        metrics = json.loads((run / "finetune" / mode / "metrics-test.json").read_text())
+        assert (run / "finetune" / mode / "adapter" / "adapter_model.safetensors").exists()
+        assert result["finetune"][mode]["exact_match"] == metrics["exact_match/add"]
+        assert result["finetune"][mode]["mistake_rate"] == pytest.approx(1 - metrics["pref_acc/add"])
+        auroc = report["summary"]["repair_fast"]["modes"][mode]["within_subtask.auroc"][0]
+        assert auroc == ranking["modes"][mode]["within_subtask"]["auroc"] and math.isfinite(auroc)
+    for extra in ("full", "oracle"):
+        assert math.isfinite(result["finetune"][extra]["exact_match"])
+    assert all(math.isfinite(v) and v >= 0 for v in result["seconds"].values())
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monkeypatch):
+    import prism_lightning.pipeline as pipeline
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the feature stage")
+
+    monkeypatch.setattr(pipeline, "run_selection", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(pipeline_args(fast_data, tmp_path))
+    run = tmp_path / "repair_fast" / "seed-0"
+    assert (run / "features" / "stage.json").exists() and not (run / "selection" / "stage.json").exists()
+    marks = {s: (run / s / "stage.json").stat().st_mtime_ns for s in ("warmup", "features")}
+    monkeypatch.undo()
+    main(pipeline_args(fast_data, tmp_path))
+    for stage, mtime in marks.items():  # completed stages were skipped, not redone
+        assert (run / stage / "stage.json").stat().st_mtime_ns == mtime
+    for mode in MODES.split(","):  # the resumed run equals the uninterrupted one (same seed)
+        a = (full_run / "repair_fast" / "seed-0" / "selection" / mode / "scores.jsonl").read_text()
+        assert (run / "selection" / mode / "scores.jsonl").read_text() == a
+    with pytest.raises(Exception, match="other settings"):
+        main([*pipeline_args(fast_data, tmp_path), "--pipeline.warmup_epochs", "1"])

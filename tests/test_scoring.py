@@ -1,0 +1,180 @@
+"""Scores vs a direct float64 double loop for every mode; chunking, lr weights, selection arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TOL
+
+from prism_lightning.data.formats import PairRow, SFTRow
+from prism_lightning.influence.scoring import MODES
+from prism_lightning.influence.selection import budget, choose
+from prism_lightning.select import SelectionArgs, compute_scores, run_selection
+from prism_lightning.store.feature_store import StoreMismatchError, write_shard
+
+N, M, K = 37, 9, 16
+SUBS = ["a", "b", "a", "c", "b", "a", "c", "c", "a"]
+
+
+def fake_stores(root, epochs=(1, 2), lrs=(2e-3, 1e-3), shard=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = {}
+    for e, lr in zip(epochs, lrs):
+        f = torch.randn(N, K, generator=g)
+        c, r = torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
+        lc, lr_ = -torch.rand(M, generator=g) * 3, -torch.rand(M, generator=g) * 3
+        loss = torch.rand(N, generator=g)
+        base = {"format": 1, "model": "m", "projection": {"kind": "none"}, "normalize": False, "dim": K,
+                "epoch": e, "lr_mean": lr, "adapter_sha256": f"h{e}", "adapter_path": f"ck{e}", "complete": True}
+        for split, n in (("pool", N), ("target", M)):
+            folder = root / f"epoch-{e}" / split
+            for j, s in enumerate(range(0, n, shard)):
+                idx = torch.arange(s, min(s + shard, n))
+                t = ({"features": f[idx], "loss": loss[idx]} if split == "pool" else
+                     {"chosen": c[idx], "rejected": r[idx], "lbar_chosen": lc[idx], "lbar_rejected": lr_[idx]})
+                write_shard(folder, j, t | {"index": idx})
+            (folder / "manifest.json").write_text(json.dumps(base | {"split": split, "rows": n}))
+        data[e] = (lr, f.double(), c.double(), r.double(), lc.double(), lr_.double(), loss.double())
+    return data
+
+
+def rows():
+    pool = [SFTRow(f"r{i:02d}", "p", "c", "x") for i in range(N)]
+    targets = [PairRow(f"t{j}", "q", "y", "n", SUBS[j]) for j in range(M)]
+    return pool, targets
+
+
+def direct(mode, data, per_subtask=False):
+    """The METHOD.md formulas as explicit loops over candidates and pairs."""
+    out = torch.zeros(N, dtype=torch.float64)
+    groups = sorted(set(SUBS)) if (per_subtask or mode == "less") else ["*"]
+    per_group = {g: torch.zeros(N, dtype=torch.float64) for g in groups}
+    for lr, f, c, r, lc, lrj, _ in data.values():
+        for g in groups:
+            qs = [q for q in range(M) if g == "*" or SUBS[q] == g]
+            for i in range(N):
+                s = 0.0
+                if mode == "ifguide":
+                    mc = sum(c[q] for q in qs) / len(qs)
+                    mr = sum(r[q] for q in qs) / len(qs)
+                    s = float(f[i] @ (mc / mc.norm() - mr / mr.norm()))
+                else:
+                    for q in qs:
+                        pi = 1 / (1 + math.exp(-(lc[q] - lrj[q])))
+                        if mode == "prism":
+                            s += pi * float(f[i] @ (c[q] - r[q]))
+                        elif mode == "prism_uniform":
+                            s += float(f[i] @ (c[q] - r[q]))
+                        elif mode == "prism_no_anchor":
+                            s += pi * float(f[i] @ c[q])
+                        elif mode == "less":
+                            s += float(f[i] @ c[q] / (f[i].norm() * c[q].norm()))
+                    s /= len(qs)
+                per_group[g][i] += lr * s
+    for i in range(N):
+        out[i] = max(per_group[g][i] for g in groups)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["prism", "prism_uniform", "prism_no_anchor", "less", "ifguide"])
+@pytest.mark.parametrize("per_subtask", [False, True])
+def test_scores_equal_double_loop(tmp_path, mode, per_subtask):
+    data = fake_stores(tmp_path)
+    pool, targets = rows()
+    args = SelectionArgs(per_subtask_direction=per_subtask, chunk_rows=7)
+    scores, weights, _ = compute_scores(tmp_path, [mode], args, pool, targets)
+    torch.testing.assert_close(scores[mode], direct(mode, data, per_subtask), **TOL)
+    lr, _, _, _, lc, lrj, _ = data[1]
+    torch.testing.assert_close(weights["epoch-1"], torch.sigmoid(lc - lrj), **TOL)
+
+
+def test_loss_and_random_modes(tmp_path):
+    data = fake_stores(tmp_path)
+    pool, targets = rows()
+    scores, _, _ = compute_scores(tmp_path, ["loss", "random"], SelectionArgs(seed=3), pool, targets)
+    want = -sum(lr * loss for lr, *_, loss in data.values())
+    torch.testing.assert_close(scores["loss"], want, **TOL)
+    again, _, _ = compute_scores(tmp_path, ["random"], SelectionArgs(seed=3), pool, targets)
+    assert torch.equal(scores["random"], again["random"])
+
+
+def test_chunked_equals_one_shot_and_lr_weighting(tmp_path):
+    fake_stores(tmp_path / "x")
+    pool, targets = rows()
+    one, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=10_000), pool, targets)
+    many, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=3), pool, targets)
+    for m in MODES:
+        torch.testing.assert_close(one[m], many[m], **TOL)
+    # lr weighting: scores from both epochs = lr1 * s(epoch 1) + lr2 * s(epoch 2)
+    e1, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[1]), pool, targets)
+    e2, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[2]), pool, targets)
+    torch.testing.assert_close(one["prism"], e1["prism"] + e2["prism"], **TOL)
+    fake_stores(tmp_path / "y", lrs=(1.0, 0.0))
+    only_first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), pool, targets)
+    first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), pool, targets)
+    torch.testing.assert_close(only_first["prism"], first["prism"], **TOL)
+
+
+def test_store_mismatch_refused(tmp_path):
+    fake_stores(tmp_path)
+    pool, targets = rows()
+    with pytest.raises(StoreMismatchError, match="projection"):
+        compute_scores(tmp_path, ["prism"], SelectionArgs(), pool, targets,
+                       expected={"projection": {"kind": "sjlt"}})
+    with pytest.raises(StoreMismatchError, match="another pool"):
+        compute_scores(tmp_path, ["prism"], SelectionArgs(), pool[:5], targets)
+
+
+def test_budget_arithmetic():
+    assert budget(100, 0.05, None) == 5 and budget(960, 0.05, None) == 48 and budget(10, None, 3) == 3
+    with pytest.raises(ValueError, match="0 rows"):
+        budget(10, 0.05, None)
+    with pytest.raises(ValueError, match="exactly one"):
+        budget(10, 0.5, 2)
+
+
+def test_choose_forward_repair_ties_and_quota():
+    scores = torch.tensor([1.0, 3.0, 3.0, -2.0, 0.0, -5.0])
+    ids = ["f", "b", "a", "d", "e", "c"]
+    fwd = choose(scores, ids, "forward", k=2)
+    assert fwd.tolist() == [False, True, True, False, False, False]
+    tie = choose(scores, ids, "forward", k=1)  # tie at 3.0 broken by id: "a" wins
+    assert tie.tolist() == [False, False, True, False, False, False]
+    rep = choose(scores, ids, "repair", k=2)
+    assert rep.tolist() == [True, True, True, False, True, False]
+    subs = ["x", "x", "y", "y", "y", "y"]
+    quota = choose(scores, ids, "forward", k=3, subtasks=subs)
+    assert quota.sum() == 3 and quota[[0, 1]].sum() == 1  # 1 of 2 "x" rows, 2 of 4 "y" rows
+
+
+def test_run_selection_writes_files_and_metrics(tmp_path):
+    fake_stores(tmp_path / "features")
+    pool, targets = rows()
+    for i, r in enumerate(pool):
+        r.extra["harmful"] = i % 5 == 0 and i < 20
+        r.subtask = "bad" if i < 20 else "good"
+    args = SelectionArgs(task="repair", fraction=0.2)
+    summary = run_selection(tmp_path / "features", tmp_path / "sel", "prism,less,loss,random", args, pool, targets)
+    for mode in ("prism", "less", "loss", "random"):
+        d = tmp_path / "sel" / mode
+        scores = [json.loads(x) for x in (d / "scores.jsonl").read_text().splitlines()]
+        assert len(scores) == N and sorted(s["rank"] for s in scores) == list(range(1, N + 1))
+        kept = [json.loads(x) for x in (d / "selected.jsonl").read_text().splitlines()]
+        assert len(kept) == N - 7 == sum(s["selected"] for s in scores)
+        worst = sorted(scores, key=lambda s: s["rank"])[-7:]
+        assert not any(s["selected"] for s in worst)
+        assert json.loads((d / "manifest.json").read_text())["mode"] == mode
+        assert summary[mode]["selected_rows"] == N - 7
+    metrics = json.loads((tmp_path / "sel" / "ranking_metrics.json").read_text())
+    assert metrics["contaminated_subtasks"] == ["bad"]
+    for mode in ("prism", "less"):
+        for view in ("whole_pool", "within_subtask"):
+            assert 0 <= metrics["modes"][mode][view]["auroc"] <= 1
+    assert metrics["modes"]["prism"]["within_subtask"]["rows"] == 20
+    assert (tmp_path / "sel" / "roc.png").stat().st_size > 1000
+    with pytest.raises(StoreMismatchError, match="other settings"):
+        run_selection(tmp_path / "features", tmp_path / "sel", "prism", SelectionArgs(task="forward", fraction=0.2),
+                      pool, targets)
