@@ -181,15 +181,15 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
         atomic_write_text(old, json.dumps(dict(settings, selected_rows=int(keep.sum()), budget=count), indent=2))
         summary[mode] = {"selected_rows": int(keep.sum()), "dir": str(mdir)}
     labels = [r.extra.get(args.label) for r in pool] if args.label else []
-    if labels and all(v is not None for v in labels):
+    harmful = torch.tensor([bool(v) for v in labels]) if labels and None not in labels else None
+    if harmful is not None and harmful.any():  # ranking metrics need ground truth with some harmful rows
         from prism_lightning.eval.ranking import ranking_report
 
-        harmful = torch.tensor([bool(v) for v in labels])
         frac = args.fraction if args.fraction is not None else args.k / len(pool)
         report = ranking_report(scores, harmful, [r.subtask for r in pool], frac)
         atomic_write_text(out / "ranking_metrics.json", json.dumps(report, indent=2))
         summary["ranking_metrics"] = report
-        if args.plots and harmful.any():
+        if args.plots:
             from prism_lightning.eval.plots import plot_roc, plot_score_distributions
 
             plot_roc(scores, harmful, out / "roc.png")

@@ -104,3 +104,19 @@ def test_resume_from_lightning_checkpoint(tmp_path, small_data):
     assert trainer.global_step == 12
     info = json.loads((root / "warmup" / "epoch-2" / "checkpoint.json").read_text())
     assert info["epoch"] == 2 and info["global_step"] == 12
+
+
+def test_full_finetune_warmup_saves_weights_and_moments(tmp_path, small_data):
+    L.seed_everything(0)
+    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+                         train_on="pool", batch_size=16)
+    module = WarmupModule(model=ModelArgs(), lora=LoraArgs(enabled=False), optim=OptimArgs(lr=1e-4),
+                          output_dir=str(tmp_path))
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    folder = tmp_path / "warmup" / "epoch-1"
+    weights = load_file(str(folder / "model.safetensors"))
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    n_params = sum(1 for p in module.model.parameters() if p.requires_grad)
+    assert len(weights) == n_params and len(moments) == 2 * n_params
