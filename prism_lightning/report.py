@@ -82,7 +82,7 @@ def _experiment_md(name: str, s: dict) -> list[str]:
         cells = [mode, _fmt(m.get("whole_pool.auroc", nan), n), _fmt(m.get("within_subtask.auroc", nan), n),
                  _fmt(m.get("within_subtask.precision_at_k", nan), n),
                  _fmt(m.get("exact_match", nan), n, pct=True), _fmt(m.get("mistake_rate", nan), n, pct=True),
-                 f"{m.get('seconds', nan)[0]:.0f}"]
+                 "–" if math.isnan(m.get("seconds", nan)[0]) else f"{m['seconds'][0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     secs = ", ".join(f"{k} {v[0]:.0f}s" for k, v in s["stage_seconds"].items())
     lines += ["", f"Stage wall time (mean over seeds): {secs}.", "",
