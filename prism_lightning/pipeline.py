@@ -8,7 +8,6 @@ refuses ones made with other settings, and ``force`` redoes everything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from prism_lightning import DEMO_DATA, __version__
 from prism_lightning.influence.projection import ProjectionArgs
 from prism_lightning.select import SelectionArgs, parse_modes, run_selection
-from prism_lightning.store.feature_store import StoreMismatchError, atomic_write_text
+from prism_lightning.store.feature_store import StoreMismatchError, atomic_write_text, json_digest
 
 ALL_MODES = "prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss"
 
@@ -74,10 +73,6 @@ class PipelineArgs:
     eval_max_rows: int | None = None
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class Stage:
     """``with Stage(folder, settings, force) as st: if st.todo: ...``: skip/refuse/redo by stage.json."""
 
@@ -88,7 +83,7 @@ class Stage:
         self.seconds = 0.0
         if self.marker.exists():
             done = json.loads(self.marker.read_text())
-            if done["settings_digest"] == _digest(settings) and not force:
+            if done["settings_digest"] == json_digest(settings) and not force:
                 self.todo, self.seconds = False, done["seconds"]
             elif not force:
                 raise StoreMismatchError(f"{self.folder} was made with other settings; use another output_dir "
@@ -104,7 +99,7 @@ class Stage:
         if exc_type is None and self.todo:
             self.seconds = time.time() - self._start
             atomic_write_text(self.marker, json.dumps({"settings": self.settings, "seconds": self.seconds,
-                                                       "settings_digest": _digest(self.settings)},
+                                                       "settings_digest": json_digest(self.settings)},
                                                       indent=2, default=str))
 
 

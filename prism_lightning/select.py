@@ -7,7 +7,6 @@ and ``score_distributions.png`` in ``<selection_dir>``. Every store is read once
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from prism_lightning.influence.scoring import (
     stream_dot,
 )
 from prism_lightning.influence.selection import budget, choose, rank_order
-from prism_lightning.store.feature_store import FeatureStore, StoreMismatchError, atomic_write_text
+from prism_lightning.store.feature_store import FeatureStore, StoreMismatchError, atomic_write_text, json_digest
 
 # Manifest keys a store must share with the settings being scored (and pool with target stores).
 SCORING_KEYS = ("model", "projection", "normalize", "dim")
@@ -140,10 +139,6 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: str | list[str], args: SelectionArgs,
                   pool: list[SFTRow], targets: list[PairRow], expected: dict | None = None,
                   force: bool = False) -> dict:
@@ -154,7 +149,7 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
     count = budget(len(pool), args.fraction, args.k)  # fail on a bad budget before reading stores
     scores, weights, manifests = compute_scores(features_dir, modes, args, pool, targets, expected)
     stores = [{"folder": m.get("adapter_path"), "split": m["split"], "epoch": m["epoch"],
-               "adapter_sha256": m["adapter_sha256"], "manifest_sha256": _digest(m)} for m in manifests]
+               "adapter_sha256": m["adapter_sha256"], "manifest_sha256": json_digest(m)} for m in manifests]
     summary: dict = {}
     quota = [r.subtask for r in pool] if args.per_subtask_quota else None
     for mode in modes:

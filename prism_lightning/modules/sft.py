@@ -122,7 +122,6 @@ class SFTModule(L.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking and results:
             path = Path(self.output_dir) / self.stage_dir / f"metrics-{prefix}.json"
             atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True))
-        self.last_metrics = results
         return results
 
     def on_validation_epoch_end(self) -> None:

@@ -34,6 +34,13 @@ class StoreMismatchError(ValueError):
     """A store on disk was made with other settings than the ones in use."""
 
 
+def json_digest(obj) -> str:
+    """sha256 of an object's canonical JSON (sorted keys; non-JSON values as strings)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def shard_path(folder: str | Path, shard: int) -> Path:
     return Path(folder) / f"shard-{shard:05d}.safetensors"
 
