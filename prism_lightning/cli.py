@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -27,6 +28,8 @@ class PrismCLI(LightningCLI):
 def main(args: list[str] | None = None, run: bool = True) -> PrismCLI:
     """Entry point of ``python -m prism_lightning`` and the ``prism-lightning`` script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the feature writer reads row indices from each batch, not from the sampler
+    warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
     return PrismCLI(
         model_class=None,
         datamodule_class=PrismDataModule,
