@@ -12,7 +12,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prism_lightning import DEMO_DATA, __version__
@@ -156,6 +156,7 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
     from prism_lightning.data import PrismDataModule
     from prism_lightning.modules import FinetuneModule, GradientFeatureModule, WarmupModule
 
+    lora = replace(model.lora_args, init_seed=seed)  # the seed also varies the LoRA init
     dm_args = {k: v for k, v in datamodule.hparams.items()
                if k in ("columns", "max_length", "truncation", "batch_size", "eval_batch_size", "num_workers",
                         "shard_size", "warmup_fraction", "eval_sft", "eval_pairs", "tokenizer")}
@@ -170,7 +171,6 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
     with Stage(root / "warmup", warm_settings, force) as st:
         if st.todo:
             L.seed_everything(seed, verbose=False)
-            lora = type(model.lora_args)(**(asdict(model.lora_args) | {"init_seed": seed}))
             module = WarmupModule(model=model.model_args, lora=lora, optim=model.optim_args, output_dir=str(root))
             t = _stage_trainer(trainer, max_epochs=args.warmup_epochs, enable_checkpointing=True)
             t.fit(module, datamodule=PrismDataModule(**data, train_on="warmup"))
@@ -204,13 +204,12 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
     runs["full"] = dict(data, train_on="pool")
     if exp.kind == "repair" and exp.clean_pool:
         runs["oracle"] = dict(data, pool=exp.clean_pool, train_on="pool")
-    optim = type(model.optim_args)(**(asdict(model.optim_args) | {"lr": args.finetune_lr}))
+    optim = replace(model.optim_args, lr=args.finetune_lr)
     for name, run_data in runs.items():
         folder = root / "finetune" / name
         with Stage(folder, dict(base, data=run_data, epochs=args.finetune_epochs, lr=args.finetune_lr), force) as st:
             if st.todo:
                 L.seed_everything(seed, verbose=False)
-                lora = type(model.lora_args)(**(asdict(model.lora_args) | {"init_seed": seed}))
                 module = FinetuneModule(model=model.model_args, lora=lora, optim=optim, output_dir=str(root),
                                         run_name=f"finetune/{name}")
                 dm = PrismDataModule(**run_data)

@@ -10,14 +10,6 @@ from prism_lightning.pipeline import PipelineArgs
 from prism_lightning.select import SelectionArgs, run_selection
 
 
-def scoring_expectations(model) -> dict:
-    """What a feature store must match to be scored for this feature module's settings."""
-    from dataclasses import asdict
-
-    proj = {k: v for k, v in asdict(model.projection).items() if k != "cache_mb"}
-    return {"model": model.model_args.name_or_path, "projection": proj, "normalize": model.normalize}
-
-
 class PrismTrainer(L.Trainer):
     """A ``Trainer`` whose extra methods become CLI subcommands (see ``extra_subcommands``)."""
 
@@ -46,7 +38,7 @@ class PrismTrainer(L.Trainer):
         root = Path(model.output_dir)
         summary = run_selection(root / "features", root / "selection", modes, selection or SelectionArgs(),
                                 datamodule.pool_rows, datamodule.target_rows,
-                                expected=scoring_expectations(model), force=force)
+                                expected=model.scoring_expectations(), force=force)
         for mode, info in summary.items():
             if mode != "ranking_metrics":
                 print(f"{mode}: {info['selected_rows']} rows -> {info['dir']}/selected.jsonl")

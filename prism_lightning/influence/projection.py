@@ -17,7 +17,7 @@ Generated blocks are cached up to ``cache_mb`` megabytes, beyond that regenerate
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,6 +32,11 @@ class ProjectionArgs:
     sjlt_s: int = 1
     block_rows: int = 4096
     cache_mb: int = 512
+
+
+def projection_identity(args: ProjectionArgs) -> dict:
+    """The settings that determine the projected values (the cache budget does not)."""
+    return {k: v for k, v in asdict(args).items() if k != "cache_mb"}
 
 
 def module_seed(seed: int, name: str, block: int = 0) -> int:

@@ -11,7 +11,6 @@ Needs ``Trainer(inference_mode=False)``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +22,7 @@ from prism_lightning.config import LoraArgs, ModelArgs
 from prism_lightning.data.datamodule import PredictTask, num_shards
 from prism_lightning.influence.extract import adam_preconditioner, gradient_features
 from prism_lightning.influence.per_example import lora_linears
-from prism_lightning.influence.projection import ProjectionArgs, Projector
+from prism_lightning.influence.projection import ProjectionArgs, Projector, projection_identity
 from prism_lightning.modeling import build_model, torch_dtype
 from prism_lightning.store.feature_store import (
     FORMAT_VERSION,
@@ -92,13 +91,18 @@ class GradientFeatureModule(L.LightningModule):
     def store_settings(self, epoch: int, folder: Path, info: dict, split: str, rows: int,
                        fingerprint: str, dim: int, shard_size: int) -> dict:
         """The manifest of one store: everything that determines its contents."""
-        proj = {k: v for k, v in asdict(self.projection).items() if k != "cache_mb"}
+        proj = projection_identity(self.projection)
         return {"format": FORMAT_VERSION, "split": split, "model": self.model_args.name_or_path,
                 "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
                 "lr_mean": info["lr_mean"], "dataset_fingerprint": fingerprint, "projection": proj,
                 "preconditioner": self.preconditioner[split], "normalize": self.normalize,
                 "dtype": self.store_dtype, "shard_size": shard_size, "rows": rows, "dim": dim,
                 "package_version": __version__, "complete": False}
+
+    def scoring_expectations(self) -> dict:
+        """What a feature store must match to be scored for these settings (see ``select``)."""
+        return {"model": self.model_args.name_or_path, "projection": projection_identity(self.projection),
+                "normalize": self.normalize}
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
