@@ -84,6 +84,18 @@ def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | Non
     return peft_model
 
 
+def merge_adapter(model: ModelArgs, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Base (unquantized, ``model.dtype``, CPU) + LoRA adapter merged: ``W + (alpha / r) B A``, saved to ``out_dir``."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    base = load_base_model(replace(model, quantization=None))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters by name (the LoRA A/B matrices for a LoRA model)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

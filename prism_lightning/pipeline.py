@@ -60,7 +60,12 @@ def default_experiments() -> list[Experiment]:
 
 @dataclass
 class PipelineArgs:
-    """Settings of the whole pipeline (the stages take model/LoRA/optimiser settings from ``model``)."""
+    """Settings of the whole pipeline (the stages take model/LoRA/optimiser/FSDP settings from ``model``).
+
+    ``features_precision`` overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true``
+    on GPU while training runs ``bf16-mixed``); under ``FSDP2Strategy`` that stage runs DDP
+    (the model is replicated, each rank extracts its own shards).
+    """
 
     experiments: list[Experiment] = field(default_factory=default_experiments)
     modes: str = ALL_MODES
@@ -71,6 +76,7 @@ class PipelineArgs:
     projection: ProjectionArgs = field(default_factory=lambda: ProjectionArgs(kind="sjlt", dim=2048))
     pool_preconditioner: str = "adam"
     eval_max_rows: int | None = None
+    features_precision: str | None = None
 
 
 class Stage:
@@ -98,6 +104,7 @@ class Stage:
     def __exit__(self, exc_type, *_):
         if exc_type is None and self.todo:
             self.seconds = time.time() - self._start
+        if exc_type is None and self.todo and _is_rank0():
             atomic_write_text(self.marker, json.dumps({"settings": self.settings, "seconds": self.seconds,
                                                        "settings_digest": json_digest(self.settings)},
                                                       indent=2, default=str))
@@ -140,12 +147,44 @@ def _plain(args: PipelineArgs) -> dict:
     return json.loads(json.dumps(asdict(args), default=str))
 
 
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _stage_trainer(trainer, **overrides):
+    """A fresh trainer with the pipeline trainer's hardware settings (a strategy object is copied, not shared)."""
+    import copy
+
+    from lightning.pytorch.strategies import Strategy
+
     from prism_lightning.trainer import PrismTrainer
 
     kwargs = dict(trainer.stage_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                   num_sanity_val_steps=0)
-    return PrismTrainer(**(kwargs | overrides))
+    kwargs |= overrides
+    if isinstance(kwargs.get("strategy"), Strategy):
+        kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
+    return PrismTrainer(**kwargs)
+
+
+def _feature_overrides(trainer, args: PipelineArgs) -> dict:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    out = {"inference_mode": False}
+    if isinstance(trainer.stage_kwargs.get("strategy"), ModelParallelStrategy):
+        out["strategy"] = "ddp"
+    if args.features_precision:
+        out["precision"] = args.features_precision
+    return out
 
 
 def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed: int, modes: list[str],
@@ -171,7 +210,8 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
     with Stage(root / "warmup", warm_settings, force) as st:
         if st.todo:
             L.seed_everything(seed, verbose=False)
-            module = WarmupModule(model=model.model_args, lora=lora, optim=model.optim_args, output_dir=str(root))
+            module = WarmupModule(model=model.model_args, lora=lora, optim=model.optim_args, output_dir=str(root),
+                                  fsdp=model.fsdp_args)
             t = _stage_trainer(trainer, max_epochs=args.warmup_epochs, enable_checkpointing=True)
             t.fit(module, datamodule=PrismDataModule(**data, train_on="warmup"))
     times["warmup"] = st.seconds
@@ -182,16 +222,17 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
             module = GradientFeatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
                                            output_dir=str(root), projection=args.projection,
                                            pool_preconditioner=args.pool_preconditioner)
-            t = _stage_trainer(trainer, inference_mode=False)
+            t = _stage_trainer(trainer, **_feature_overrides(trainer, args))
             t.predict(module, datamodule=PrismDataModule(**data), return_predictions=False)
     times["features"] = st.seconds
 
     sel = SelectionArgs(task=exp.kind, fraction=exp.fraction, seed=seed)
     with Stage(root / "selection", dict(feat_settings, modes=modes, selection=asdict(sel)), force) as st:
-        if st.todo:
+        if st.todo and _is_rank0():
             dm = PrismDataModule(**data)
             dm.load()
             run_selection(root / "features", root / "selection", modes, sel, dm.pool_rows, dm.target_rows)
+        _barrier()
     times["select"] = st.seconds
     out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask,
            "target_noise": exp.target_noise, "ranking": _read(root / "selection" / "ranking_metrics.json"),
@@ -211,7 +252,7 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
             if st.todo:
                 L.seed_everything(seed, verbose=False)
                 module = FinetuneModule(model=model.model_args, lora=lora, optim=optim, output_dir=str(root),
-                                        run_name=f"finetune/{name}")
+                                        run_name=f"finetune/{name}", fsdp=model.fsdp_args)
                 dm = PrismDataModule(**run_data)
                 t = _stage_trainer(trainer, max_epochs=args.finetune_epochs, limit_val_batches=0)
                 t.fit(module, datamodule=dm)

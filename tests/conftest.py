@@ -73,13 +73,16 @@ def warmed(tmp_path_factory, small_data) -> Path:
     return warmup_run(tmp_path_factory.mktemp("warm"), small_data)
 
 
-def run_cli(args: list[str], extra_path: str | None = None, timeout: int = 600) -> None:
-    """``python -m prism_lightning ARGS`` in a subprocess (needed for DDP); fails with its stderr."""
+def run_cli(args: list[str], extra_path: str | None = None, timeout: int = 600, threads: int | None = None) -> None:
+    """``python -m prism_lightning ARGS`` in a subprocess (needed for DDP); fails with its stderr.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` (1 for multi-process runs, so 2 ranks do not oversubscribe 2 cores).
+    """
     import subprocess
     import sys
 
     path = os.pathsep.join(p for p in (str(REPO), extra_path) if p)
-    env = dict(os.environ, PYTHONPATH=path)
+    env = dict(os.environ, PYTHONPATH=path, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     out = subprocess.run([sys.executable, "-m", "prism_lightning", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -22,10 +22,12 @@ import time
 
 import torch
 
+DTYPE = torch.float32
 WORKLOADS = {
     # name: (hidden, layers, heads, intermediate, vocab, seq, lora r, batch)
     "tiny": None,  # the embedded tiny model
     "llama-8x512": (512, 8, 8, 1376, 2048, 256, 16, 8),
+    "llama-1b": (2048, 16, 32, 8192, 32000, 512, 128, 8),  # Llama-3.2-1B shape (MHA), paper's r=128; GPU
 }
 
 
@@ -41,16 +43,17 @@ def build(workload: str, device: str):
         vocab = base.config.vocab_size
     else:
         hidden, layers, heads, inter, vocab, seq, r, batch = WORKLOADS[workload]
-        base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                            num_key_value_heads=heads, intermediate_size=inter, vocab_size=vocab,
-                                            max_position_embeddings=seq * 2))
+        with torch.device(device):  # random init on the GPU: seconds instead of a minute for 1B
+            base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                                num_key_value_heads=heads, intermediate_size=inter, vocab_size=vocab,
+                                                max_position_embeddings=seq * 2))
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)  # peft zero-inits B, which would zero every A gradient
-    model.to(device).eval()
+    model.to(device=device, dtype=DTYPE).eval()
     ids = torch.randint(3, vocab, (batch, seq), device=device)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
@@ -120,16 +123,19 @@ def main() -> None:
     parser.add_argument("--projection", default="sjlt")
     parser.add_argument("--dim", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPU); features stay fp32")
     parser.add_argument("--quick", action="store_true", help="1 rep, tiny workload only (a dry run)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     if args.case:  # child process: one case, JSON on stdout
         print(json.dumps(run_case(args.workload, args.case, args.device, args.reps, args.projection, args.dim)))
         return
     if args.quick:
         args.workloads, args.reps = "tiny", 1
-    print(f"device={args.device} projection={args.projection} k={args.dim} reps={args.reps} "
+    print(f"device={args.device} dtype={args.dtype} projection={args.projection} k={args.dim} reps={args.reps} "
           f"threads={torch.get_num_threads()}")
     header = f"{'workload':<13}{'case':<12}{'examples/s':>12}{'peak MB':>10}{'vs extract':>12}"
     print(header)
@@ -139,7 +145,8 @@ def main() -> None:
         res = {}
         for case in ("train_step", "extract", "bs1_loop"):
             cmd = [sys.executable, __file__, "--case", case, "--workload", workload, "--reps", str(args.reps),
-                   "--projection", args.projection, "--dim", str(args.dim), "--device", args.device]
+                   "--projection", args.projection, "--dim", str(args.dim), "--device", args.device,
+                   "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res[case] = json.loads(out.stdout.strip().splitlines()[-1])
         ext = res["extract"]["examples_per_s"]

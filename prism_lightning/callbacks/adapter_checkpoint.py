@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from prism_lightning import __version__
 from prism_lightning.config import to_dict
+from prism_lightning.sharding import full_tensor, gather_trainable
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,33 +38,46 @@ def file_sha256(path: str | Path) -> str:
 
 
 def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
-    """``{name.exp_avg, name.exp_avg_sq}`` for each parameter the optimizer holds state for."""
+    """``{name.exp_avg, name.exp_avg_sq}`` for each parameter the optimizer holds state for.
+
+    Under FSDP the moments are sharded ``DTensor``s: this gathers them, so every rank must call it.
+    """
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if "exp_avg" in state and p in names:
-                full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-                out[f"{names[p]}.exp_avg"] = full(state["exp_avg"]).detach().float().cpu().contiguous()
-                out[f"{names[p]}.exp_avg_sq"] = full(state["exp_avg_sq"]).detach().float().cpu().contiguous()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    out[f"{names[p]}.{key}"] = full_tensor(state[key].detach()).float().cpu().contiguous()
     return out
 
 
-def save_reference_checkpoint(module, optimizer, folder: Path, info: dict) -> Path:
-    """Write one complete checkpoint folder atomically (temp folder + rename)."""
+def save_trainable(model, weights: dict[str, torch.Tensor], folder: Path) -> Path:
+    """Write gathered trainable weights: a peft adapter (``save_pretrained``) or ``model.safetensors``."""
+    if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+        model.save_pretrained(str(folder), state_dict=weights)
+        return folder / "adapter_model.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
+
+
+def save_reference_checkpoint(module, optimizer, folder: Path, info: dict, write: bool = True) -> Path:
+    """Write one complete checkpoint folder atomically (temp folder + rename).
+
+    Every rank calls this (gathering sharded weights and moments is collective); ``write`` is
+    true on the one rank that writes.
+    """
     folder = Path(folder)
+    model = module.model
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    weights, moments = gather_trainable(model), adam_moments(optimizer, names)
+    if not write:
+        return folder
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = module.model
-    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-    if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-        model.save_pretrained(str(tmp))
-        weights = tmp / "adapter_model.safetensors"
-    else:
-        weights = tmp / "model.safetensors"
-        save_file({n: p.detach().float().cpu().contiguous() for p, n in names.items()}, str(weights))
-    moments = adam_moments(optimizer, names)
+    weights = save_trainable(model, weights, tmp)
     if moments:
         save_file(moments, str(tmp / "optimizer.safetensors"))
     info = dict(info, adapter_sha256=file_sha256(weights), package_version=__version__)
@@ -99,6 +113,5 @@ class ReferenceCheckpoint(L.Callback):
                 "model": to_dict(pl_module.model_args), "lora": to_dict(pl_module.lora_args),
                 "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
         folder = Path(pl_module.output_dir) / self.subdir / f"epoch-{epoch}"
-        if trainer.is_global_zero:
-            save_reference_checkpoint(pl_module, opt, folder, info)
+        save_reference_checkpoint(pl_module, opt, folder, info, write=trainer.is_global_zero)
         trainer.strategy.barrier("reference-checkpoint")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from prism_lightning import DEMO_DATA
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
@@ -33,6 +33,41 @@ def shard_rows(shard: int, shard_size: int, n_rows: int) -> range:
 
 def num_shards(n_rows: int, shard_size: int) -> int:
     return (n_rows + shard_size - 1) // shard_size
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Training order that does not depend on the process count: each global batch split over ranks.
+
+    Epoch e visits the rows in a permutation seeded by ``seed + e`` (pool order without
+    ``shuffle``). Global batch j is rows ``[j G, (j + 1) G)`` of it, ``G = batch_size x replicas``,
+    and rank r takes its r-th slice of ``batch_size`` rows; so W processes with batch B train on
+    exactly the batches one process with batch W B sees. A short last global batch is padded to a
+    multiple of W with rows from the start of the epoch's order (as ``DistributedSampler`` pads).
+    Being a ``DistributedSampler``, Lightning keeps it (and calls ``set_epoch``) instead of
+    injecting its own, which would reshuffle with another seed.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(range(n_rows), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.n_rows, self.batch_size = n_rows, batch_size
+
+    def _chunks(self):
+        order = (torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                 if self.shuffle else torch.arange(self.n_rows)).tolist()
+        world = self.num_replicas
+        for start in range(0, self.n_rows, self.batch_size * world):
+            chunk = order[start:start + self.batch_size * world]
+            chunk += (order * world)[:-len(chunk) % world]  # pad to a multiple of the world size
+            per = len(chunk) // world
+            yield chunk[self.rank * per:(self.rank + 1) * per]
+
+    def __iter__(self):
+        for chunk in self._chunks():
+            yield from chunk
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks())
 
 
 class ShardBatches(IterableDataset):
@@ -74,6 +109,9 @@ class PrismDataModule(L.LightningDataModule):
         train_on: ``warmup`` (seeded ``warmup_fraction`` of the pool), ``pool`` (all of it)
             or ``selection`` (the rows a selection keeps; see the ``select`` stage).
         max_length / truncation: token budget per row; ``left`` cuts the prompt, ``error`` refuses.
+        batch_size: training rows per step and rank (global batch = batch_size x devices x
+            num_nodes x accumulate_grad_batches).
+        shuffle: reshuffle the training rows each epoch (seeded; ``false`` keeps pool order).
         shard_size: rows per feature-store shard (prediction splits work by whole shards).
         selection_file: rows to train on with ``train_on: selection`` (a ``selected.jsonl``); or
         selection_dir / selection_mode: use ``<selection_dir>/<mode>/selected.jsonl``, computed on
@@ -90,7 +128,7 @@ class PrismDataModule(L.LightningDataModule):
                  eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
                  selection_file: str | None = None, selection_dir: str | None = None,
                  selection_mode: str = "prism", features_dir: str | None = None,
-                 selection: SelectionArgs | None = None):
+                 selection: SelectionArgs | None = None, shuffle: bool = True):
         super().__init__()
         if train_on not in ("warmup", "pool", "selection"):
             raise ValueError(f"data.train_on={train_on!r} must be 'warmup', 'pool' or 'selection'")
@@ -207,15 +245,20 @@ class PrismDataModule(L.LightningDataModule):
         return list(range(len(self.pool_rows)))
 
     # ----- loaders -------------------------------------------------------------------------
-    def _loader(self, dataset, collate, batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.hparams.num_workers, generator=gen if shuffle else None)
+    def _loader(self, dataset, collate, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.load()
         ds = SFTDataset(self.pool_encoded, self.train_indices())
-        return self._loader(ds, SFTCollator(self.tokenizer.pad_token_id), self.hparams.batch_size, True)
+        hp = self.hparams
+        split = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            split = {k: v for k, v in (self.trainer.distributed_sampler_kwargs or {}).items()
+                     if k in split} or split
+        sampler = GlobalBatchSampler(len(ds), hp.batch_size, shuffle=hp.shuffle, seed=hp.seed, **split)
+        return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          collate_fn=SFTCollator(self.tokenizer.pad_token_id))
 
     def _eval_loaders(self) -> list[DataLoader]:
         self.load()
@@ -223,10 +266,10 @@ class PrismDataModule(L.LightningDataModule):
         loaders = []
         if self.eval_rows:
             loaders.append(self._loader(SFTDataset(self.eval_encoded), SFTCollator(pad),
-                                        self.hparams.eval_batch_size, False))
+                                        self.hparams.eval_batch_size))
         if self.eval_pair_rows:
             loaders.append(self._loader(PairDataset(*self.eval_pair_encoded), PairCollator(pad),
-                                        self.hparams.eval_batch_size, False))
+                                        self.hparams.eval_batch_size))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prism_lightning.callbacks.adapter_checkpoint import save_trainable
+from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
+from prism_lightning.sharding import gather_trainable
 
 
 class FinetuneModule(SFTModule):
@@ -12,7 +15,8 @@ class FinetuneModule(SFTModule):
 
     Saves the final adapter (peft ``save_pretrained``; a full fine-tune saves the whole model) to
     ``<output_dir>/<run_name>/adapter/`` and, with ``save_merged``, LoRA merged into the base under
-    ``<output_dir>/<run_name>/merged/`` (Hugging Face format, loadable with ``from_pretrained``).
+    ``<output_dir>/<run_name>/merged/`` (Hugging Face format, loadable with ``from_pretrained``;
+    merged on rank 0's CPU into the unquantized base, also after a QLoRA or FSDP run).
     """
 
     def __init__(self, *args, run_name: str = "finetune", save_merged: bool = False,
@@ -22,13 +26,11 @@ class FinetuneModule(SFTModule):
         self.stage_dir = run_name
 
     def on_train_end(self) -> None:
+        weights = gather_trainable(self.model)  # collective under FSDP: every rank takes part
         if not self.trainer.is_global_zero:
             return
         folder = Path(self.output_dir) / self.run_name
-        self.model.save_pretrained(str(folder / "adapter"))
-        if self.save_merged and hasattr(self.model, "merge_and_unload"):
-            import copy
-
-            merged = copy.deepcopy(self.model).merge_and_unload()
-            merged.save_pretrained(str(folder / "merged"))
+        save_trainable(self.model, weights, folder / "adapter")
+        if self.save_merged and self.lora_args.enabled:
+            merge_adapter(self.model_args, folder / "adapter", folder / "merged")
             self.trainer.datamodule.tokenizer.save_pretrained(str(folder / "merged"))

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.data.tokenize import mean_logprob
 from prism_lightning.modeling import build_model, trainable_named_parameters
+from prism_lightning.sharding import FSDPArgs, shard_model
 from prism_lightning.store.feature_store import atomic_write_text
 
 
@@ -35,9 +36,11 @@ class SFTModule(L.LightningModule):
     accuracy ``mean[lbar(chosen) > lbar(rejected)]`` and mean margin on held-out pairs; written
     to ``<output_dir>/<stage_dir>/metrics-{val,test}.json``.
 
-    The model is built in ``configure_model`` (so strategies can shard it) from ``model`` and
-    ``lora``; ``adapter_path`` starts from a saved adapter instead of a fresh one.
-    Lightning checkpoints hold only the trainable parameters (the base stays on disk).
+    The model is built in ``configure_model`` from ``model`` and ``lora``; ``adapter_path`` starts
+    from a saved adapter instead of a fresh one. Under ``ModelParallelStrategy`` (``FSDP2Strategy``)
+    it is sharded there with ``fsdp`` settings (``prism_lightning.sharding``); activation
+    checkpointing is ``model.gradient_checkpointing``. Lightning checkpoints hold only the
+    trainable parameters and their optimizer state (the base stays on disk).
     """
 
     stage_dir = "sft"
@@ -45,11 +48,12 @@ class SFTModule(L.LightningModule):
     def __init__(self, model: ModelArgs | None = None, lora: LoraArgs | None = None,
                  optim: OptimArgs | None = None, output_dir: str = "runs/tiny",
                  adapter_path: str | None = None, generate_eval: bool = False, max_new_tokens: int = 16,
-                 answer_pattern: str | None = None):
+                 answer_pattern: str | None = None, fsdp: FSDPArgs | None = None):
         super().__init__()
         self.model_args, self.lora_args = model or ModelArgs(), lora or LoraArgs()
         self.optim_args, self.output_dir, self.adapter_path = optim or OptimArgs(), output_dir, adapter_path
         self.generate_eval, self.max_new_tokens, self.answer_pattern = generate_eval, max_new_tokens, answer_pattern
+        self.fsdp_args = fsdp or FSDPArgs()
         self.save_hyperparameters()
         self.model = None
         self.strict_loading = False
@@ -57,6 +61,8 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = build_model(self.model_args, self.lora_args, adapter_path=self.adapter_path)
+            if self._device_mesh is not None:
+                shard_model(self.model, self._device_mesh, self.fsdp_args)
 
     def row_loss(self, batch: dict) -> torch.Tensor:
         """Per-row token-mean response loss ``-lbar`` [B]."""

@@ -1,0 +1,114 @@
+"""FSDP2 (``fully_shard``) for the training stages, through Lightning's ``ModelParallelStrategy``.
+
+``FSDP2Strategy`` is ``ModelParallelStrategy`` with a one-dimensional data-parallel mesh over
+every rank of every node (no tensor parallelism): each rank trains on its own rows and holds
+1/world of the sharded parameters, gradients and Adam moments. ``shard_model`` wraps each
+decoder layer (the classes a Hugging Face model lists in ``_no_split_modules``) and then the
+root, so one layer's weights are gathered at a time.
+
+QLoRA + FSDP: bitsandbytes' 4-bit weights carry their quantization state on the parameter
+object, which sharding would drop, so they stay replicated (frozen, about 0.56 bytes per
+parameter) and everything else -- LoRA weights, embeddings, norms, ``lm_head`` -- is sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+
+from prism_lightning.modeling import torch_dtype
+
+
+@dataclass
+class FSDPArgs:
+    """How ``configure_model`` shards the model when the trainer runs ``ModelParallelStrategy``.
+
+    param_dtype: dtype the all-gathered weights compute in (``bfloat16`` on GPU: mixed precision;
+        ``null`` computes in the stored dtype, e.g. fp32 on CPU). Master weights and Adam stay fp32.
+    reduce_dtype: dtype of the gradient reduce-scatter (``float32``).
+    reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3); ``false``
+        keeps them for the backward (less communication, more memory).
+    """
+
+    param_dtype: str | None = None
+    reduce_dtype: str | None = "float32"
+    reshard_after_forward: bool = True
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with ``data_parallel_size = num_nodes x devices`` and no tensor parallelism.
+
+    Use it as ``trainer.strategy: {class_path: prism_lightning.sharding.FSDP2Strategy}``;
+    checkpoints are sharded (``torch.distributed.checkpoint`` folders) unless
+    ``save_distributed_checkpoint: false``.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout_minutes: float = 30.0):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes))
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: modules whose class a HF model names in ``_no_split_modules``."""
+    names: set[str] = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layer found to shard (looked for {sorted(names)} "
+                         "from _no_split_modules); FSDP needs a transformers causal LM")
+    return layers
+
+
+def quantized_params(model: nn.Module) -> set[nn.Parameter]:
+    """bitsandbytes 4-bit weights (``Params4bit``), which stay replicated under FSDP."""
+    return {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+
+
+def shard_model(model: nn.Module, mesh, args: FSDPArgs) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root, over the data-parallel ``mesh`` (in place)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError("prism_lightning shards with FSDP only: use trainer.strategy "
+                             "prism_lightning.sharding.FSDP2Strategy (or tensor_parallel_size: 1)")
+        mesh = mesh["data_parallel"]
+    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(args.param_dtype) if args.param_dtype else None,
+                              reduce_dtype=torch_dtype(args.reduce_dtype) if args.reduce_dtype else None)
+    ignored = quantized_params(model)
+    if ignored and mesh.device_type != "cpu":  # replicated weights are not moved by fully_shard
+        for p in ignored:
+            if p.device.type == "cpu":
+                raise ValueError("QLoRA + FSDP: the 4-bit base must be loaded on the GPU (device_map)")
+    kwargs = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=args.reshard_after_forward,
+                  ignored_params=ignored or None)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor`` gathered to the full tensor (a collective: every rank must call it); others unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of the trainable parameters by name (collective under FSDP)."""
+    return {n: full_tensor(p.detach()).float().cpu().contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+if "fsdp2" not in StrategyRegistry:  # `trainer.strategy: fsdp2` in configs and on the command line
+    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all ranks (prism_lightning)")

@@ -1,0 +1,67 @@
+"""FSDP2 (``fully_shard`` through ``ModelParallelStrategy``) on 2 CPU processes (gloo).
+
+The sharded run must train exactly what a single process trains at the same global batch
+(2 ranks x 8 rows vs 1 x 16, pool order so both see the same rows per step), save full (gathered)
+adapters and Adam moments that the feature stage reads, and resume from its sharded checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOL, run_cli
+from safetensors.torch import load_file
+
+
+def warmup(small_data, out: Path, devices: int, epochs: int = 2, *extra: str) -> Path:
+    args = ["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.max_epochs", str(epochs),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.devices", str(devices), "--data.train_on", "pool", "--data.shuffle", "false",
+            "--data.batch_size", str(16 // devices), "--data.pool", str(small_data["pool"]),
+            "--data.target", str(small_data["target_pairs"]), "--data.eval_sft", "null",
+            "--data.eval_pairs", "null", "--model.init_args.output_dir", str(out),
+            # Adam turns float-summation noise in near-zero gradients into updates of order lr:
+            # a small lr keeps that noise inside TOL while a wrong batch split moves weights by ~lr
+            "--model.init_args.optim.lr", "1e-4", *extra]
+    if devices > 1:
+        args += ["--trainer.strategy", "fsdp2"]
+    run_cli(args, threads=1 if devices > 1 else None)
+    return out / "warmup"
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert sorted(x) == sorted(y) and x
+        for key in x:
+            if "lora_B.weight" in key and "exp_avg" not in key:  # B starts at 0: trained well past TOL
+                assert x[key].abs().max() > 20 * TOL["atol"], key
+            torch.testing.assert_close(x[key], y[key], **TOL, msg=f"{a / name}: {key}")
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return {"single": warmup(small_data, root / "single", 1), "fsdp": warmup(small_data, root / "fsdp", 2),
+            "root": root}
+
+
+@pytest.mark.distributed
+def test_fsdp_warmup_equals_single_process(runs):
+    for epoch in (1, 2):
+        assert_same_checkpoint(runs["single"] / f"epoch-{epoch}", runs["fsdp"] / f"epoch-{epoch}")
+    # Lightning's checkpoint is sharded (one file per rank) and holds only trainable state
+    last = runs["fsdp"] / "lightning" / "last.ckpt"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sum(p.stat().st_size for p in last.glob("*.distcp")) < 2_000_000  # base weights (7.4 MB) left out
+
+
+@pytest.mark.distributed
+def test_fsdp_resumes_from_sharded_checkpoint(runs, small_data):
+    out = runs["root"] / "resumed"
+    warmup(small_data, out, 2, 1)
+    assert not (out / "warmup" / "epoch-2").exists()
+    warmup(small_data, out, 2, 2, "--ckpt_path", "last")
+    assert_same_checkpoint(runs["fsdp"] / "epoch-2", out / "warmup" / "epoch-2")
