@@ -77,7 +77,7 @@ def quantized_params(model: nn.Module) -> set[nn.Parameter]:
 
 def shard_model(model: nn.Module, mesh, args: FSDPArgs) -> nn.Module:
     """``fully_shard`` each decoder layer, then the root, over the data-parallel ``mesh`` (in place)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if "tensor_parallel" in (mesh.mesh_dim_names or ()):
         if mesh["tensor_parallel"].size() != 1:
@@ -96,6 +96,8 @@ def shard_model(model: nn.Module, mesh, args: FSDPArgs) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if hasattr(model, "generate"):  # generate() bypasses the root's forward: gather its weights for it too
+        register_fsdp_forward_method(model, "generate")
     return model
 
 

@@ -37,7 +37,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert sorted(x) == sorted(y) and x
         for key in x:
             if "lora_B.weight" in key and "exp_avg" not in key:  # B starts at 0: trained well past TOL
-                assert x[key].abs().max() > 20 * TOL["atol"], key
+                assert x[key].abs().max() > 10 * TOL["atol"], key
             torch.testing.assert_close(x[key], y[key], **TOL, msg=f"{a / name}: {key}")
 
 
@@ -65,3 +65,12 @@ def test_fsdp_resumes_from_sharded_checkpoint(runs, small_data):
     assert not (out / "warmup" / "epoch-2").exists()
     warmup(small_data, out, 2, 2, "--ckpt_path", "last")
     assert_same_checkpoint(runs["fsdp"] / "epoch-2", out / "warmup" / "epoch-2")
+
+
+@pytest.mark.distributed
+def test_qlora_fsdp_with_activation_checkpointing_equals_single_process(small_data, tmp_path):
+    """4-bit base (replicated under FSDP), LoRA sharded, activation checkpointing on; one epoch."""
+    qlora = ["--model.init_args.model.quantization", "nf4", "--model.init_args.model.gradient_checkpointing", "true"]
+    single = warmup(small_data, tmp_path / "single", 1, 1, *qlora)
+    sharded = warmup(small_data, tmp_path / "fsdp", 2, 1, *qlora)
+    assert_same_checkpoint(single / "epoch-1", sharded / "epoch-1")

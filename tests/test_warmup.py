@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import warmup_run
+from conftest import TOL, warmup_run
 from safetensors.torch import load_file
 
 from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs
@@ -120,3 +120,21 @@ def test_full_finetune_warmup_saves_weights_and_moments(tmp_path, small_data):
     moments = load_file(str(folder / "optimizer.safetensors"))
     n_params = sum(1 for p in module.model.parameters() if p.requires_grad)
     assert len(weights) == n_params and len(moments) == 2 * n_params
+
+
+def test_merge_adapter_matches_the_adapter_model(warmed, tmp_path):
+    """``merge_adapter``: base + (alpha / r) B A folded into the weights gives the adapter model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from prism_lightning.modeling import merge_adapter
+
+    adapter = warmed / "warmup" / "epoch-2"
+    merged_dir = merge_adapter(ModelArgs(), adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    peft_model = build_model(ModelArgs(), LoraArgs(), adapter_path=adapter, trainable=False).eval()
+    ids = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        want, got = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(ModelArgs().name_or_path).eval()(input_ids=ids).logits
+    assert not torch.allclose(want, base, **TOL)  # the adapter changes the model
+    torch.testing.assert_close(got, want, **TOL)

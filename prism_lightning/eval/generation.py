@@ -22,8 +22,13 @@ def extract_answer(text: str, pattern: str | None = None) -> str:
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
                     batch_size: int = 32) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens."""
+    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens.
+
+    With several processes every rank keeps stepping until all are done (``synced_gpus``), as a
+    sharded (FSDP) model needs every rank in each forward.
+    """
     device = next(model.parameters()).device
+    synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     outs: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -32,7 +37,8 @@ def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
             texts = [render_prompt(tokenizer, p) for p in prompts[s: s + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced)
             outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
