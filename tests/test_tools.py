@@ -44,3 +44,22 @@ def test_bench_features_quick():
     assert "extraction throughput" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["tiny"]["extract_vs_bs1_loop"] > 1
+
+
+@pytest.mark.slow
+def test_bench_select_scale_quick(tmp_path):
+    out = subprocess.run([sys.executable, "tools/bench_select_scale.py", "--quick", "--dir", str(tmp_path / "s")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["store_bytes"] >= 20_000 * 1024 * 2 and summary["peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_smoke_cpu_dry_run():
+    out = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--dry-run"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    smoke = json.loads(out.stdout.strip().splitlines()[-1])["smoke"]["tiny"]
+    assert set(smoke) == {"warmup-qlora", "features-bf16", "warmup-fsdp", "warmup-qlora-fsdp"}
+    assert all(r["rows_per_s"] > 0 for r in smoke.values())
