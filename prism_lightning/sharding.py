@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
-from prism_lightning.modeling import torch_dtype
+from prism_lightning.modeling import torch_dtype, trainable_named_parameters
 
 
 @dataclass
@@ -42,7 +42,7 @@ class FSDPArgs:
 class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` with ``data_parallel_size = num_nodes x devices`` and no tensor parallelism.
 
-    Use it as ``trainer.strategy: {class_path: prism_lightning.sharding.FSDP2Strategy}``;
+    Use it as ``trainer.strategy: fsdp2`` (registered below) or with its ``class_path`` and init args;
     checkpoints are sharded (``torch.distributed.checkpoint`` folders) unless
     ``save_distributed_checkpoint: false``.
     """
@@ -87,10 +87,8 @@ def shard_model(model: nn.Module, mesh, args: FSDPArgs) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch_dtype(args.param_dtype) if args.param_dtype else None,
                               reduce_dtype=torch_dtype(args.reduce_dtype) if args.reduce_dtype else None)
     ignored = quantized_params(model)
-    if ignored and mesh.device_type != "cpu":  # replicated weights are not moved by fully_shard
-        for p in ignored:
-            if p.device.type == "cpu":
-                raise ValueError("QLoRA + FSDP: the 4-bit base must be loaded on the GPU (device_map)")
+    if mesh.device_type != "cpu" and any(p.device.type == "cpu" for p in ignored):  # fully_shard won't move them
+        raise ValueError("QLoRA + FSDP: the 4-bit base must be loaded on the GPU (device_map)")
     kwargs = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=args.reshard_after_forward,
                   ignored_params=ignored or None)
     for layer in decoder_layers(model):
@@ -108,8 +106,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full fp32 CPU copies of the trainable parameters by name (collective under FSDP)."""
-    return {n: full_tensor(p.detach()).float().cpu().contiguous()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in trainable_named_parameters(model).items()}
 
 
 if "fsdp2" not in StrategyRegistry:  # `trainer.strategy: fsdp2` in configs and on the command line

@@ -31,3 +31,24 @@ def test_ddp_ranks_serve_exactly_the_selection(warmed, small_data, tmp_path):
     ranks = [json.loads((tmp_path / "rows" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["served"] == ranks[1]["served"] == want
     assert sorted(set(ranks[0]["seen"]) | set(ranks[1]["seen"])) == want
+
+
+@pytest.mark.parametrize("n_rows,batch,world", [(48, 8, 2), (10, 4, 3), (5, 4, 2), (97, 8, 4)])
+def test_global_batch_sampler_splits_the_single_process_batches(n_rows, batch, world):
+    """W ranks with batch B see, step by step, the rows one process with batch W B sees (padded at the end)."""
+    from prism_lightning.data.datamodule import GlobalBatchSampler
+
+    one = GlobalBatchSampler(n_rows, batch * world, seed=3)
+    ranks = [GlobalBatchSampler(n_rows, batch, world, r, seed=3) for r in range(world)]
+    for s in [one, *ranks]:
+        s.set_epoch(1)
+    single = list(one)
+    per_rank = [list(s) for s in ranks]
+    assert all(len(s) == len(rows) for s, rows in zip(ranks, per_rank))
+    assert sorted(single) == list(range(n_rows))
+    for step, start in enumerate(range(0, n_rows, batch * world)):
+        got = [i for rows in per_rank for i in rows[step * batch:(step + 1) * batch]]
+        want = single[start:start + batch * world]
+        assert got[:len(want)] == want and set(got) <= set(single)
+    ranks[0].set_epoch(2)
+    assert list(ranks[0]) != per_rank[0]  # reshuffled each epoch

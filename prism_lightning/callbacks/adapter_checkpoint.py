@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from prism_lightning import __version__
 from prism_lightning.config import to_dict
+from prism_lightning.modeling import trainable_named_parameters
 from prism_lightning.sharding import full_tensor, gather_trainable
 
 
@@ -70,7 +71,7 @@ def save_reference_checkpoint(module, optimizer, folder: Path, info: dict, write
     """
     folder = Path(folder)
     model = module.model
-    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    names = {p: n for n, p in trainable_named_parameters(model).items()}
     weights, moments = gather_trainable(model), adam_moments(optimizer, names)
     if not write:
         return folder

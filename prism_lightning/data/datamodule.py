@@ -67,7 +67,9 @@ class GlobalBatchSampler(DistributedSampler):
             yield from chunk
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._chunks())
+        """Rows per rank: ``batch_size`` per full global batch, ``ceil(rest / W)`` for a short last one."""
+        full, rest = divmod(self.n_rows, self.batch_size * self.num_replicas)
+        return full * self.batch_size + -(-rest // self.num_replicas)
 
 
 class ShardBatches(IterableDataset):
