@@ -15,7 +15,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def torch_dtype(name: str) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16``, with a clear error for unknown names."""
     if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype {name!r} (model.dtype, fsdp.param_dtype/reduce_dtype or store_dtype) is not one "
+                         f"of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

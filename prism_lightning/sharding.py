@@ -38,6 +38,11 @@ class FSDPArgs:
     reduce_dtype: str | None = "float32"
     reshard_after_forward: bool = True
 
+    def __post_init__(self) -> None:  # refuse a misspelt dtype when the config is read, not after loading
+        for name in (self.param_dtype, self.reduce_dtype):
+            if name is not None:
+                torch_dtype(name)
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` with ``data_parallel_size = num_nodes x devices`` and no tensor parallelism.

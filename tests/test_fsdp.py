@@ -74,3 +74,30 @@ def test_qlora_fsdp_with_activation_checkpointing_equals_single_process(small_da
     single = warmup(small_data, tmp_path / "single", 1, 1, *qlora)
     sharded = warmup(small_data, tmp_path / "fsdp", 2, 1, *qlora)
     assert_same_checkpoint(single / "epoch-1", sharded / "epoch-1")
+
+
+def test_fsdp_settings_are_checked_when_read():
+    from prism_lightning.sharding import FSDPArgs
+
+    with pytest.raises(ValueError, match="'bf16'.*fsdp.param_dtype.*bfloat16"):
+        FSDPArgs(param_dtype="bf16")
+    assert FSDPArgs(param_dtype="bfloat16").reduce_dtype == "float32"
+
+
+def test_decoder_layers_refuses_a_model_without_layers():
+    from prism_lightning.sharding import decoder_layers
+
+    with pytest.raises(ValueError, match="no decoder layer found to shard"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
+    from prism_lightning.callbacks.adapter_checkpoint import atomic_folder
+
+    target = tmp_path / "adapter"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +55,23 @@ def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, tor
     return out
 
 
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` in one rename."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
 def save_trainable(model, weights: dict[str, torch.Tensor], folder: Path) -> Path:
     """Write gathered trainable weights: a peft adapter (``save_pretrained``) or ``model.safetensors``."""
     if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
@@ -75,17 +94,12 @@ def save_reference_checkpoint(module, optimizer, folder: Path, info: dict, write
     weights, moments = gather_trainable(model), adam_moments(optimizer, names)
     if not write:
         return folder
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = save_trainable(model, weights, tmp)
-    if moments:
-        save_file(moments, str(tmp / "optimizer.safetensors"))
-    info = dict(info, adapter_sha256=file_sha256(weights), package_version=__version__)
-    (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        path = save_trainable(model, weights, tmp)
+        if moments:
+            save_file(moments, str(tmp / "optimizer.safetensors"))
+        info = dict(info, adapter_sha256=file_sha256(path), package_version=__version__)
+        (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
     return folder
 
 

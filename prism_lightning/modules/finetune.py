@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_lightning.callbacks.adapter_checkpoint import save_trainable
+from prism_lightning.callbacks.adapter_checkpoint import atomic_folder, save_trainable
 from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
 from prism_lightning.sharding import gather_trainable
@@ -30,7 +30,9 @@ class FinetuneModule(SFTModule):
         if not self.trainer.is_global_zero:
             return
         folder = Path(self.output_dir) / self.run_name
-        save_trainable(self.model, weights, folder / "adapter")
+        with atomic_folder(folder / "adapter") as tmp:
+            save_trainable(self.model, weights, tmp)
         if self.save_merged and self.lora_args.enabled:
-            merge_adapter(self.model_args, folder / "adapter", folder / "merged")
-            self.trainer.datamodule.tokenizer.save_pretrained(str(folder / "merged"))
+            with atomic_folder(folder / "merged") as tmp:
+                merge_adapter(self.model_args, folder / "adapter", tmp)
+                self.trainer.datamodule.tokenizer.save_pretrained(str(tmp))
