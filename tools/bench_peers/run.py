@@ -1,0 +1,307 @@
+"""Side by side with attribution libraries: pool x target gradient scores on one seeded workload.
+
+Run (after ``bash tools/bench_peers/setup.sh``)::
+
+    .venv-peers/bin/python tools/bench_peers/run.py --workloads S,L
+
+Every case runs in its own process (peak RSS per case) on the same model and rows and computes
+the full ``pool x target`` score matrix from per-example LoRA gradients of the token-mean
+response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiates):
+
+- ``train_step``: one plain LoRA training step over the pool (forward + backward + AdamW; speed limit);
+- ``bs1_loop``: a batch-size-1 autograd loop, flattened gradients, then the dot products (exact);
+- ``ours:identity``: our per-example gradients, no preconditioner, no projection (exact dot products);
+- ``ours:adam+sjlt-k`` / ``ours:adam+rademacher-k``: Adam preconditioning (pool), projection to k;
+- ``kronfluence:identity`` / ``kronfluence:ekfac``: kronfluence's pairwise scores (identity: plain
+  gradient dot products; EK-FAC: fitted on the pool, then the preconditioned scores);
+- ``trak-k``: TRAK with its CPU (Rademacher) projector to k on the LoRA parameters only: featurize
+  the pool, ``Phi (Phi^T Phi)^-1``, score the targets.
+
+Columns: examples/s of gradient extraction (pool + target rows over the seconds to features; for
+peers that do not expose features, over the whole case), total seconds for all scores, peak RSS,
+and the total-time ratio to ``ours:adam+sjlt-8192``. ``--save DIR`` writes each case's scores
+(``DIR/<case>.pt``) for the agreement tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORKLOADS = {
+    # name: hidden, layers, heads, vocab, seq, lora r, pool rows, target rows, batch
+    "S": (256, 4, 4, 2048, 128, 8, 512, 32, 16),
+    "L": (512, 8, 8, 2048, 256, 16, 1024, 64, 8),
+}
+CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
+         "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024"]
+REFERENCE = "ours:adam+sjlt-8192"
+
+
+def build(workload: str):
+    """(peft model, pool batch dict, target batch dict, batch size): seeded random-init Llama and rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, vocab, seq, r, n_pool, n_target, batch = WORKLOADS[workload]
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=heads, intermediate_size=4 * hidden, vocab_size=vocab,
+                                        max_position_embeddings=seq, attn_implementation="eager"))
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():  # peft zero-inits B, which would zero every A gradient
+        gen = torch.Generator().manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.eval()
+
+    def rows(n: int, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, vocab, (n, seq), generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100  # the response is the second half
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    return model, rows(n_pool, 2), rows(n_target, 3), batch
+
+
+def row_losses(model, batch: dict) -> torch.Tensor:
+    """``-lbar`` per row [B]."""
+    from prism_lightning.data.tokenize import mean_logprob
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return -mean_logprob(logits, batch["labels"])
+
+
+def batches(data: dict, size: int):
+    n = data["input_ids"].shape[0]
+    for s in range(0, n, size):
+        yield {k: v[s: s + size] for k, v in data.items()}
+
+
+def adam_moments(layers: dict) -> dict:
+    """Seeded stand-in Adam moments (m ~ 1e-3 N(0,1), v ~ 1e-6 U(0,1)) per LoRA layer."""
+    gen = torch.Generator().manual_seed(4)
+    return {n: (torch.randn(m.weight.numel(), generator=gen) * 1e-3, torch.rand(m.weight.numel(), generator=gen) * 1e-6)
+            for n, m in sorted(layers.items())}
+
+
+# ----- cases ---------------------------------------------------------------------------------
+def case_train_step(model, pool, target, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    start = time.perf_counter()
+    for b in batches(pool, batch):
+        row_losses(model, b).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    secs = time.perf_counter() - start
+    return None, pool["input_ids"].shape[0] / secs, secs
+
+
+def case_bs1_loop(model, pool, target, batch):
+    params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
+    start = time.perf_counter()
+
+    def grads(data):
+        out = []
+        for i in range(data["input_ids"].shape[0]):
+            loss = row_losses(model, {k: v[i: i + 1] for k, v in data.items()}).sum()
+            out.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        return torch.stack(out)
+
+    g_pool, g_target = grads(pool), grads(target)
+    extract = time.perf_counter() - start
+    scores = g_target.double() @ g_pool.double().T
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / extract, time.perf_counter() - start
+
+
+def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int):
+    from prism_lightning.influence.extract import adam_preconditioner, gradient_features
+    from prism_lightning.influence.per_example import lora_linears
+    from prism_lightning.influence.projection import ProjectionArgs, Projector
+
+    layers = lora_linears(model)
+    projector = Projector(ProjectionArgs(kind=kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
+    pre = adam_preconditioner(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
+    start = time.perf_counter()
+    f_pool = torch.cat([gradient_features(model, layers, b, projector, pre, normalize=False)[0]
+                        for b in batches(pool, batch)])
+    f_target = torch.cat([gradient_features(model, layers, b, projector, None, normalize=False)[0]
+                          for b in batches(target, batch)])
+    extract = time.perf_counter() - start
+    scores = f_target.double() @ f_pool.double().T
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / extract, time.perf_counter() - start
+
+
+def case_kronfluence(model, pool, target, batch, strategy: str):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import Dataset
+
+    class Rows(Dataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return self.data["input_ids"].shape[0]
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in self.data.items()}
+
+    modules = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" in n]
+
+    class LoraTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            return row_losses(model, batch).sum()
+
+        def compute_measurement(self, batch, model):
+            return row_losses(model, batch).sum()
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    task = LoraTask()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare_model(model, task)
+        analyzer = Analyzer("bench", prepared, task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
+                                 factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+        score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
+        analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=batch,
+                                         per_device_train_batch_size=batch, score_args=score_args,
+                                         overwrite_output_dir=True)
+        scores = analyzer.load_pairwise_scores("s")["all_modules"].double()
+    secs = time.perf_counter() - start
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / secs, secs
+
+
+def case_trak(model, pool, target, batch, dim: int):
+    from trak import TRAKer
+    from trak.modelout_functions import AbstractModelOutput
+    from trak.projectors import BasicProjector, ProjectionType
+
+    from prism_lightning.data.tokenize import mean_logprob
+
+    class LanguageModelOutput(AbstractModelOutput):
+        """Model output ``lbar(z)`` (so d output / d loss = -1 for every row)."""
+
+        def __init__(self):
+            super().__init__()
+
+        def get_output(self, model, weights, buffers, input_ids, attention_mask, labels):
+            kwargs = {"input_ids": input_ids.unsqueeze(0), "attention_mask": attention_mask.unsqueeze(0)}
+            logits = torch.func.functional_call(model, (weights, buffers), args=(), kwargs=kwargs).logits
+            return mean_logprob(logits, labels.unsqueeze(0)).sum()
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):
+            return torch.ones(batch[0].shape[0], 1)
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    projector = BasicProjector(grad_dim=n_params, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
+                               device="cpu", dtype=torch.float32)
+    n_pool, n_target = pool["input_ids"].shape[0], target["input_ids"].shape[0]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        traker = TRAKer(model, LanguageModelOutput(), train_set_size=n_pool, save_dir=tmp, load_from_save_dir=True,
+                        device="cpu", projector=projector, use_half_precision=False, grad_wrt=names)
+        checkpoint = model.state_dict()
+        traker.load_checkpoint(checkpoint, model_id=0)
+        for b in batches(pool, batch):
+            traker.featurize(batch=[b["input_ids"], b["attention_mask"], b["labels"]],
+                             num_samples=b["input_ids"].shape[0])
+        traker.finalize_features()
+        traker.start_scoring_checkpoint("bench", checkpoint, model_id=0, num_targets=n_target)
+        for b in batches(target, batch):
+            traker.score(batch=[b["input_ids"], b["attention_mask"], b["labels"]], num_samples=b["input_ids"].shape[0])
+        scores = torch.as_tensor(traker.finalize_scores("bench")).double().T  # [target, pool]
+    secs = time.perf_counter() - start
+    return scores, (n_pool + n_target) / secs, secs
+
+
+def run_case(workload: str, case: str) -> tuple[torch.Tensor | None, dict]:
+    model, pool, target, batch = build(workload)
+    if case == "train_step":
+        scores, rate, secs = case_train_step(model, pool, target, batch)
+    elif case == "bs1_loop":
+        scores, rate, secs = case_bs1_loop(model, pool, target, batch)
+    elif case == "ours:identity":
+        scores, rate, secs = case_ours(model, pool, target, batch, "identity", "none", 0)
+    elif case.startswith("ours:adam+"):
+        kind, dim = case.split("+")[1].split("-")
+        scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim))
+    elif case.startswith("trak-"):
+        scores, rate, secs = case_trak(model, pool, target, batch, int(case.split("-")[1]))
+    elif case.startswith("kronfluence:"):
+        scores, rate, secs = case_kronfluence(model, pool, target, batch, case.split(":")[1])
+    else:
+        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return scores, {"examples_per_s": rate, "seconds": secs, "peak_rss_mb": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="S,L")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--save", help="folder for each case's scores (<workload>-<case>.pt)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:  # child: one case, JSON on stdout
+        scores, res = run_case(args.workload, args.case)
+        if args.save and scores is not None:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            torch.save(scores, Path(args.save) / f"{args.workload}-{args.case.replace(':', '_')}.pt")
+        print(json.dumps(res))
+        return
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    table = {}
+    for workload in args.workloads.split(","):
+        res = table.setdefault(workload, {})
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--case", case, "--workload", workload]
+            if args.save:
+                cmd += ["--save", args.save]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                res[case] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
+            else:
+                res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {workload} {case}: {res[case]}", file=sys.stderr, flush=True)
+    header = f"{'wl':<4}{'case':<28}{'extract ex/s':>13}{'scores s':>10}{'peak RSS MB':>13}{'time / ours':>13}"
+    for workload, res in table.items():
+        print(header)
+        print("-" * len(header))
+        ref = res.get(REFERENCE, {}).get("seconds")
+        for case, r in res.items():
+            if "error" in r:
+                print(f"{workload:<4}{case:<28} FAILED: {r['error']}")
+                continue
+            ratio = f"{r['seconds'] / ref:>12.2f}x" if ref else f"{'-':>13}"
+            print(f"{workload:<4}{case:<28}{r['examples_per_s']:>13.1f}{r['seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}"
+                  f"{ratio}")
+    print(json.dumps(table))
+
+
+if __name__ == "__main__":
+    main()
