@@ -15,7 +15,8 @@ response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiate
 - ``kronfluence:identity`` / ``kronfluence:ekfac``: kronfluence's pairwise scores (identity: plain
   gradient dot products; EK-FAC: fitted on the pool, then the preconditioned scores);
 - ``trak-k``: TRAK with its CPU (Rademacher) projector to k on the LoRA parameters only: featurize
-  the pool, ``Phi (Phi^T Phi)^-1``, score the targets.
+  the pool, ``Phi (Phi^T Phi)^-1``, score the targets;
+- ``dattri-llm:tracin``: dattri-llm's TracIn attributor (live gradient capture, cross-gram).
 
 Columns: examples/s of gradient extraction (pool + target rows over the seconds to features; for
 peers that do not expose features, over the whole case), total seconds for all scores, peak RSS,
@@ -40,13 +41,15 @@ WORKLOADS = {
     # name: hidden, layers, heads, vocab, seq, lora r, pool rows, target rows, batch
     "S": (256, 4, 4, 2048, 128, 8, 512, 32, 16),
     "L": (512, 8, 8, 2048, 256, 16, 1024, 64, 8),
+    "1B": (2048, 16, 16, 32000, 512, 16, 1024, 64, 8),  # GPU only: random-init ~1B Llama (Llama-3.2-1B widths)
 }
 CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
-         "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024"]
+         "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
+         "dattri-llm:tracin"]
 REFERENCE = "ours:adam+sjlt-8192"
 
 
-def build(workload: str):
+def build(workload: str, device: str = "cpu"):
     """(peft model, pool batch dict, target batch dict, batch size): seeded random-init Llama and rows."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,14 +66,15 @@ def build(workload: str):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    model.eval()
+    model.to(device).eval()
 
     def rows(n: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab, (n, seq), generator=g)
         labels = ids.clone()
         labels[:, : seq // 2] = -100  # the response is the second half
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        return {k: v.to(device) for k, v in
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
 
     return model, rows(n_pool, 2), rows(n_target, 3), batch
 
@@ -89,11 +93,27 @@ def batches(data: dict, size: int):
         yield {k: v[s: s + size] for k, v in data.items()}
 
 
+class Rows(torch.utils.data.Dataset):
+    """A batch dict as a map-style dataset of per-row dicts (what the peers' loaders expect)."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.data.items()}
+
+
 def adam_moments(layers: dict) -> dict:
-    """Seeded stand-in Adam moments (m ~ 1e-3 N(0,1), v ~ 1e-6 U(0,1)) per LoRA layer."""
+    """Seeded stand-in Adam moments (m ~ 1e-3 N(0,1), v ~ 1e-6 U(0,1)) per LoRA layer, on the layers' device."""
     gen = torch.Generator().manual_seed(4)
-    return {n: (torch.randn(m.weight.numel(), generator=gen) * 1e-3, torch.rand(m.weight.numel(), generator=gen) * 1e-6)
-            for n, m in sorted(layers.items())}
+    out = {}
+    for n, m in sorted(layers.items()):
+        size, dev = m.weight.numel(), m.weight.device
+        out[n] = (torch.randn(size, generator=gen).to(dev) * 1e-3, torch.rand(size, generator=gen).to(dev) * 1e-6)
+    return out
 
 
 # ----- cases ---------------------------------------------------------------------------------
@@ -150,17 +170,6 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from torch.utils.data import Dataset
-
-    class Rows(Dataset):
-        def __init__(self, data):
-            self.data = data
-
-        def __len__(self):
-            return self.data["input_ids"].shape[0]
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in self.data.items()}
 
     modules = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" in n]
 
@@ -181,7 +190,8 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_model(model, task)
-        analyzer = Analyzer("bench", prepared, task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer = Analyzer("bench", prepared, task, cpu=pool["input_ids"].device.type == "cpu", disable_tqdm=True,
+                            output_dir=tmp)
         analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
@@ -213,17 +223,18 @@ def case_trak(model, pool, target, batch, dim: int):
             return mean_logprob(logits, labels.unsqueeze(0)).sum()
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(batch[0].shape[0], 1)
+            return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = pool["input_ids"].device
     projector = BasicProjector(grad_dim=n_params, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                               device="cpu", dtype=torch.float32)
+                               device=device, dtype=torch.float32)
     n_pool, n_target = pool["input_ids"].shape[0], target["input_ids"].shape[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         traker = TRAKer(model, LanguageModelOutput(), train_set_size=n_pool, save_dir=tmp, load_from_save_dir=True,
-                        device="cpu", projector=projector, use_half_precision=False, grad_wrt=names)
+                        device=device, projector=projector, use_half_precision=False, grad_wrt=names)
         checkpoint = model.state_dict()
         traker.load_checkpoint(checkpoint, model_id=0)
         for b in batches(pool, batch):
@@ -238,8 +249,30 @@ def case_trak(model, pool, target, batch, dim: int):
     return scores, (n_pool + n_target) / secs, secs
 
 
-def run_case(workload: str, case: str) -> tuple[torch.Tensor | None, dict]:
-    model, pool, target, batch = build(workload)
+def case_dattri_llm_tracin(model, pool, target, batch):
+    from dattri_llm import AttributionArguments, AttributionTask, TracInAttributor
+    from dattri_llm.utils.hashing import hash_batch
+
+    task = AttributionTask(loss_func=lambda m, b: row_losses(m, b).sum(), model=model)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = AttributionArguments(output_dir=tmp, per_device_train_batch_size=batch,
+                                    per_device_eval_batch_size=batch, seed=0)
+        score = TracInAttributor(args, task=task).attribute(Rows(pool), Rows(target))
+        ids, matrix = score.agnostic_matrix()  # [train, test], rows/columns by content hash
+    secs = time.perf_counter() - start
+    row = {h: i for i, h in enumerate(ids)}
+    key = lambda data: hash_batch({"input_ids": data["input_ids"]})  # noqa: E731 - it hashes the model inputs
+    train_order, test_order = [row[h] for h in key(pool)], [score.test_index[h] for h in key(target)]
+    scores = matrix[train_order][:, test_order].double().T
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / secs, secs
+
+
+def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tensor | None, dict]:
+    model, pool, target, batch = build(workload, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if case == "train_step":
         scores, rate, secs = case_train_step(model, pool, target, batch)
     elif case == "bs1_loop":
@@ -249,14 +282,20 @@ def run_case(workload: str, case: str) -> tuple[torch.Tensor | None, dict]:
     elif case.startswith("ours:adam+"):
         kind, dim = case.split("+")[1].split("-")
         scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim))
+    elif case == "dattri-llm:tracin":
+        scores, rate, secs = case_dattri_llm_tracin(model, pool, target, batch)
     elif case.startswith("trak-"):
         scores, rate, secs = case_trak(model, pool, target, batch, int(case.split("-")[1]))
     elif case.startswith("kronfluence:"):
         scores, rate, secs = case_kronfluence(model, pool, target, batch, case.split(":")[1])
     else:
         raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    if device == "cuda":
+        torch.cuda.synchronize()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return scores, {"examples_per_s": rate, "seconds": secs, "peak_rss_mb": rss}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return None if scores is None else scores.cpu(), {"examples_per_s": rate, "seconds": secs, "peak_rss_mb": rss,
+                                                      "peak_gpu_mb": gpu}
 
 
 def main() -> None:
@@ -264,22 +303,23 @@ def main() -> None:
     parser.add_argument("--workloads", default="S,L")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--save", help="folder for each case's scores (<workload>-<case>.pt)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every case on the same device)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child: one case, JSON on stdout
-        scores, res = run_case(args.workload, args.case)
+        scores, res = run_case(args.workload, args.case, args.device)
         if args.save and scores is not None:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             torch.save(scores, Path(args.save) / f"{args.workload}-{args.case.replace(':', '_')}.pt")
         print(json.dumps(res))
         return
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     table = {}
     for workload in args.workloads.split(","):
         res = table.setdefault(workload, {})
         for case in args.cases.split(","):
-            cmd = [sys.executable, __file__, "--case", case, "--workload", workload]
+            cmd = [sys.executable, __file__, "--case", case, "--workload", workload, "--device", args.device]
             if args.save:
                 cmd += ["--save", args.save]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -288,7 +328,8 @@ def main() -> None:
             else:
                 res[case] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {workload} {case}: {res[case]}", file=sys.stderr, flush=True)
-    header = f"{'wl':<4}{'case':<28}{'extract ex/s':>13}{'scores s':>10}{'peak RSS MB':>13}{'time / ours':>13}"
+    header = (f"{'wl':<4}{'case':<28}{'extract ex/s':>13}{'scores s':>10}{'peak RSS MB':>13}{'peak GPU MB':>13}"
+              f"{'time / ours':>13}")
     for workload, res in table.items():
         print(header)
         print("-" * len(header))
@@ -298,8 +339,9 @@ def main() -> None:
                 print(f"{workload:<4}{case:<28} FAILED: {r['error']}")
                 continue
             ratio = f"{r['seconds'] / ref:>12.2f}x" if ref else f"{'-':>13}"
+            gpu = f"{r['peak_gpu_mb']:>13.0f}" if r.get("peak_gpu_mb") is not None else f"{'-':>13}"
             print(f"{workload:<4}{case:<28}{r['examples_per_s']:>13.1f}{r['seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}"
-                  f"{ratio}")
+                  f"{gpu}{ratio}")
     print(json.dumps(table))
 
 
