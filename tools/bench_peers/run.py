@@ -195,7 +195,8 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
         analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
-        analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=batch,
+        n_target = target["input_ids"].shape[0]  # all queries in one batch: one pass over the pool
+        analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=n_target,
                                          per_device_train_batch_size=batch, score_args=score_args,
                                          overwrite_output_dir=True)
         scores = analyzer.load_pairwise_scores("s")["all_modules"].double()
