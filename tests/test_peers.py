@@ -2,9 +2,12 @@
 
 Runs ``tools/bench_peers/run.py`` cases in the peers' virtualenv (``bash tools/bench_peers/setup.sh``)
 and compares their ``target x pool`` score matrices: our exact per-example gradients (``identity``,
-no projection) against kronfluence's ``identity`` pairwise scores and dattri-llm's TracIn, which
-are the same gradient dot products. Skipped, with the reason, when that virtualenv is absent.
-Our Adam features are checked against an independent Adam computation in this process.
+no projection) against kronfluence's ``identity`` pairwise scores, dattri-llm's TracIn and Bergson's
+unprojected index, which are the same gradient dot products; and our Adam features (no projection,
+unit-normalised) against dattri-llm's LESS attributor (the cosine of a query gradient with the
+Adam update direction of a pool row, at a late step where Adam's bias correction is 1). Skipped,
+with the reason, when that virtualenv is absent. Our Adam features are also checked against an
+independent Adam computation in this process.
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ def scores(tmp_path_factory) -> Callable[[str], torch.Tensor]:
 
 @needs_peers
 @pytest.mark.slow
-@pytest.mark.parametrize("peer", ["kronfluence:identity", "dattri-llm:tracin"])
-def test_exact_gradient_dot_products_agree_with_peer(scores, peer):
-    ours, theirs = scores("ours:identity"), scores(peer)
+@pytest.mark.parametrize(("case", "peer"), [
+    ("ours:identity", "kronfluence:identity"),  # plain gradient dot products
+    ("ours:identity", "dattri-llm:tracin"),
+    ("ours:identity", "bergson:build+query-0"),  # Bergson's index without projection
+    ("ours:adam+none", "dattri-llm:less"),  # cos(target gradient, Adam update of the pool row), as LESS
+])
+def test_scores_agree_with_peer_where_the_maths_is_the_same(scores, case, peer):
+    ours, theirs = scores(case), scores(peer)
     assert ours.shape == theirs.shape == (32, 512)
     assert pearson(ours, theirs) >= 0.999 and spearman(ours, theirs) >= 0.999
     scale = ours.abs().max()

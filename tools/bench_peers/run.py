@@ -16,7 +16,14 @@ response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiate
   gradient dot products; EK-FAC: fitted on the pool, then the preconditioned scores);
 - ``trak-k``: TRAK with its CPU (Rademacher) projector to k on the LoRA parameters only: featurize
   the pool, ``Phi (Phi^T Phi)^-1``, score the targets;
-- ``dattri-llm:tracin``: dattri-llm's TracIn attributor (live gradient capture, cross-gram).
+- ``dattri:logra-256``: dattri's LoGra (per-layer Kronecker projection to 16 x 16, eFIM preconditioner);
+- ``dattri-llm:tracin`` / ``dattri-llm:ekfac``: dattri-llm's attributors (live hook capture);
+- ``bergson:build+query-p``: Bergson builds an on-disk index of the pool (per-module projection to
+  ``p x p``; 0 = none), builds the query index, then scores every query against the index.
+
+Agreement-only cases (``tests/test_peers.py``): ``ours:adam+none`` (Adam features, no projection,
+unit-normalised), ``dattri-llm:less`` (the same maths in dattri-llm's LESS attributor) and
+``bergson:build+query-0``.
 
 Columns: examples/s of gradient extraction (pool + target rows over the seconds to features; for
 peers that do not expose features, over the whole case), total seconds for all scores, peak RSS,
@@ -41,11 +48,14 @@ WORKLOADS = {
     # name: hidden, layers, heads, vocab, seq, lora r, pool rows, target rows, batch
     "S": (256, 4, 4, 2048, 128, 8, 512, 32, 16),
     "L": (512, 8, 8, 2048, 256, 16, 1024, 64, 8),
-    "1B": (2048, 16, 16, 32000, 512, 16, 1024, 64, 8),  # GPU only: random-init ~1B Llama (Llama-3.2-1B widths)
+    "1B": (2048, 16, 16, 32000, 512, 16, 512, 32, 8),  # GPU only: random-init 1.2B Llama (Llama-3.2-1B widths)
 }
 CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
          "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
-         "dattri-llm:tracin"]
+         "dattri:logra-256", "dattri-llm:tracin", "dattri-llm:ekfac", "bergson:build+query-16"]
+# Agreement-only cases (tests/test_peers.py): exact maths on both sides, no projection.
+EXTRA_CASES = ["ours:adam+none", "dattri-llm:less", "bergson:build+query-0"]
+ADAM_STEP = 10**6  # dattri-llm's LESS applies Adam's bias correction; at a late step it is 1 to float precision
 REFERENCE = "ours:adam+sjlt-8192"
 
 
@@ -56,16 +66,19 @@ def build(workload: str, device: str = "cpu"):
 
     hidden, layers, heads, vocab, seq, r, n_pool, n_target, batch = WORKLOADS[workload]
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                        num_key_value_heads=heads, intermediate_size=4 * hidden, vocab_size=vocab,
-                                        max_position_embeddings=seq, attn_implementation="eager"))
+    if device == "cuda":  # every case alike: TF32 matmuls, and the random init runs on the GPU
+        torch.set_float32_matmul_precision("high")
+    with torch.device(device):
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                            num_key_value_heads=heads, intermediate_size=4 * hidden, vocab_size=vocab,
+                                            max_position_embeddings=seq, attn_implementation="eager"))
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():  # peft zero-inits B, which would zero every A gradient
         gen = torch.Generator().manual_seed(1)
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
     model.to(device).eval()
 
     def rows(n: int, seed: int) -> dict:
@@ -147,7 +160,7 @@ def case_bs1_loop(model, pool, target, batch):
     return scores, rows / extract, time.perf_counter() - start
 
 
-def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int):
+def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False):
     from prism_lightning.influence.extract import adam_preconditioner, gradient_features
     from prism_lightning.influence.per_example import lora_linears
     from prism_lightning.influence.projection import ProjectionArgs, Projector
@@ -156,9 +169,9 @@ def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: i
     projector = Projector(ProjectionArgs(kind=kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
     pre = adam_preconditioner(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
     start = time.perf_counter()
-    f_pool = torch.cat([gradient_features(model, layers, b, projector, pre, normalize=False)[0]
+    f_pool = torch.cat([gradient_features(model, layers, b, projector, pre, normalize=normalize)[0]
                         for b in batches(pool, batch)])
-    f_target = torch.cat([gradient_features(model, layers, b, projector, None, normalize=False)[0]
+    f_target = torch.cat([gradient_features(model, layers, b, projector, None, normalize=normalize)[0]
                           for b in batches(target, batch)])
     extract = time.perf_counter() - start
     scores = f_target.double() @ f_pool.double().T
@@ -226,6 +239,8 @@ def case_trak(model, pool, target, batch, dim: int):
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
             return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
 
+    if not torch.cuda.is_available():  # finalize_scores pins host memory, which torch refuses without a GPU
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     device = pool["input_ids"].device
@@ -250,8 +265,10 @@ def case_trak(model, pool, target, batch, dim: int):
     return scores, (n_pool + n_target) / secs, secs
 
 
-def case_dattri_llm_tracin(model, pool, target, batch):
-    from dattri_llm import AttributionArguments, AttributionTask, TracInAttributor
+def case_dattri_llm(model, pool, target, batch, method: str):
+    """dattri-llm's TracIn, EK-FAC or LESS attributor (live hook capture) as a ``[target, pool]`` matrix."""
+    import dattri_llm
+    from dattri_llm import AttributionArguments, AttributionTask
     from dattri_llm.utils.hashing import hash_batch
 
     task = AttributionTask(loss_func=lambda m, b: row_losses(m, b).sum(), model=model)
@@ -259,7 +276,22 @@ def case_dattri_llm_tracin(model, pool, target, batch):
     with tempfile.TemporaryDirectory() as tmp:
         args = AttributionArguments(output_dir=tmp, per_device_train_batch_size=batch,
                                     per_device_eval_batch_size=batch, seed=0)
-        score = TracInAttributor(args, task=task).attribute(Rows(pool), Rows(target))
+        if method == "less":  # the frozen form at one checkpoint with the same seeded moments as ours
+            from prism_lightning.influence.per_example import lora_linears
+
+            layers = lora_linears(model)
+            optimizer = torch.optim.AdamW([m.weight for m in layers.values()], lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+            for n, (m, v) in adam_moments(layers).items():
+                weight = layers[n].weight
+                optimizer.state[weight] = {"step": torch.tensor(float(ADAM_STEP - 1)),
+                                           "exp_avg": m.view_as(weight).clone(),
+                                           "exp_avg_sq": v.view_as(weight).clone()}
+            attributor = dattri_llm.LESSAttributor(args, task=task, optimizers=[optimizer])
+        else:
+            attributor = {"tracin": dattri_llm.TracInAttributor, "ekfac": dattri_llm.EKFACAttributor}[method](
+                args, task=task)
+        cpu = lambda data: Rows({k: v.cpu() for k, v in data.items()})  # noqa: E731 - its loaders pin host memory
+        score = attributor.attribute(cpu(pool), cpu(target))
         ids, matrix = score.agnostic_matrix()  # [train, test], rows/columns by content hash
     secs = time.perf_counter() - start
     row = {h: i for i, h in enumerate(ids)}
@@ -268,6 +300,75 @@ def case_dattri_llm_tracin(model, pool, target, batch):
     scores = matrix[train_order][:, test_order].double().T
     rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
     return scores, rows / secs, secs
+
+
+def case_dattri_logra(model, pool, target, batch, dim: int):
+    """dattri's LoGra (per-layer Kronecker projection to ``dim`` = p^2, eFIM preconditioner) on the LoRA layers.
+
+    Its query side calls ``model(**batch).loss`` (the batch's token mean, ``1/B`` of each row's loss
+    when every row has the same response length), so query gradients are scaled back by ``B``.
+    """
+    from dattri.algorithm.logra import LoGraAttributor
+    from dattri.task import AttributionTask
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" in n]
+    device = str(pool["input_ids"].device)
+    task = AttributionTask(loss_func=lambda m, b, dev=None: row_losses(m, b).sum(), model=model,
+                           checkpoints=model.state_dict())
+    loader = lambda data: torch.utils.data.DataLoader(Rows(data), batch_size=batch, shuffle=False)  # noqa: E731
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # its metadata file goes to cache_dir (default: the working dir)
+        attributor = LoGraAttributor(task, layer_names=names, hessian="eFIM", device=device, proj_dim=dim,
+                                     offload="cpu", cache_dir=tmp)
+        attributor.cache(loader(pool))
+        scores = attributor.attribute(loader(pool), loader(target)).double().T * batch  # [target, pool]
+    secs = time.perf_counter() - start
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / secs, secs
+
+
+def case_bergson(model, pool, target, batch, dim: int):
+    """Bergson: build an on-disk index of the pool's LoRA gradients (per-module projection to ``dim x dim``,
+    0 = none), build the query index the same way, then score every query against the index."""
+    import shutil
+
+    from bergson import Attributor, collect_gradients, load_gradients
+    from bergson.config.config import IndexConfig
+    from bergson.data import column_offsets
+    from bergson.utils.worker_utils import extract_peft_target_modules, processor_for
+    from datasets import Dataset
+
+    modules = extract_peft_target_modules(model)
+    seq = pool["input_ids"].shape[1]
+
+    def build_index(data: dict, path: str) -> None:
+        cfg = IndexConfig(run_path=path, projection_dim=dim, loss_reduction="mean", token_batch_size=batch * seq)
+        cfg.partial_run_path.mkdir(parents=True)
+        processor = processor_for(cfg)
+        processor.save(cfg.partial_run_path)
+        n = data["input_ids"].shape[0]
+        ds = Dataset.from_dict({"input_ids": data["input_ids"].tolist(), "labels": data["labels"].tolist(),
+                                "length": [seq] * n})
+        collect_gradients(model, ds, processor, cfg, batches=[list(range(s, min(s + batch, n)))
+                                                              for s in range(0, n, batch)],
+                          target_modules=modules)
+        shutil.move(cfg.partial_run_path, cfg.run_path)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_index(pool, f"{tmp}/pool")
+        build_index(target, f"{tmp}/query")
+        attributor = Attributor(f"{tmp}/pool", device=str(pool["input_ids"].device))
+        extract = time.perf_counter() - start
+        mmap = load_gradients(f"{tmp}/query")
+        with open(f"{tmp}/query/info.json") as f:
+            sizes = json.load(f)["grad_sizes"]
+        queries = {name: torch.from_numpy(mmap[:, lo:hi].copy()).float() for name, (lo, hi) in
+                   column_offsets(sizes).items()}
+        top, index = attributor.search(queries, k=None)
+        scores = torch.empty_like(top).scatter_(1, index, top).double()  # undo the top-k sort: [target, pool]
+    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    return scores, rows / extract, time.perf_counter() - start
 
 
 def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tensor | None, dict]:
@@ -280,17 +381,23 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
         scores, rate, secs = case_bs1_loop(model, pool, target, batch)
     elif case == "ours:identity":
         scores, rate, secs = case_ours(model, pool, target, batch, "identity", "none", 0)
+    elif case == "ours:adam+none":  # cosine of Adam pool features and raw target gradients, as LESS scores
+        scores, rate, secs = case_ours(model, pool, target, batch, "adam", "none", 0, normalize=True)
     elif case.startswith("ours:adam+"):
         kind, dim = case.split("+")[1].split("-")
         scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim))
-    elif case == "dattri-llm:tracin":
-        scores, rate, secs = case_dattri_llm_tracin(model, pool, target, batch)
+    elif case.startswith("dattri-llm:"):
+        scores, rate, secs = case_dattri_llm(model, pool, target, batch, case.split(":")[1])
+    elif case.startswith("dattri:logra-"):
+        scores, rate, secs = case_dattri_logra(model, pool, target, batch, int(case.split("-")[1]))
+    elif case.startswith("bergson:build+query-"):
+        scores, rate, secs = case_bergson(model, pool, target, batch, int(case.split("-")[1]))
     elif case.startswith("trak-"):
         scores, rate, secs = case_trak(model, pool, target, batch, int(case.split("-")[1]))
     elif case.startswith("kronfluence:"):
         scores, rate, secs = case_kronfluence(model, pool, target, batch, case.split(":")[1])
     else:
-        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+        raise ValueError(f"unknown case {case!r}; choose from {CASES + EXTRA_CASES}")
     if device == "cuda":
         torch.cuda.synchronize()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -305,6 +412,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--save", help="folder for each case's scores (<workload>-<case>.pt)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every case on the same device)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run: later cases are skipped, a running "
+                        "one is stopped when it ends (for a lent machine's time limit)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -317,13 +426,23 @@ def main() -> None:
         return
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     table = {}
+    deadline = time.monotonic() + args.budget if args.budget else None
     for workload in args.workloads.split(","):
         res = table.setdefault(workload, {})
         for case in args.cases.split(","):
             cmd = [sys.executable, __file__, "--case", case, "--workload", workload, "--device", args.device]
             if args.save:
                 cmd += ["--save", args.save]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < 5:
+                res[case] = {"error": "skipped: out of --budget"}
+                continue
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired:
+                res[case] = {"error": f"stopped at the --budget ({args.budget:.0f} s)"}
+                print(f"  {workload} {case}: {res[case]}", file=sys.stderr, flush=True)
+                continue
             if out.returncode:
                 res[case] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
             else:
