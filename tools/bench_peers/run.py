@@ -100,6 +100,11 @@ def row_losses(model, batch: dict) -> torch.Tensor:
     return -mean_logprob(logits, batch["labels"])
 
 
+def n_rows(*datas: dict) -> int:
+    """Rows in all the given batch dicts (pool + target: the rows a case extracts gradients for)."""
+    return sum(d["input_ids"].shape[0] for d in datas)
+
+
 def batches(data: dict, size: int):
     n = data["input_ids"].shape[0]
     for s in range(0, n, size):
@@ -139,7 +144,7 @@ def case_train_step(model, pool, target, batch):
         opt.step()
         opt.zero_grad(set_to_none=True)
     secs = time.perf_counter() - start
-    return None, pool["input_ids"].shape[0] / secs, secs
+    return None, n_rows(pool) / secs, secs
 
 
 def case_bs1_loop(model, pool, target, batch):
@@ -156,7 +161,7 @@ def case_bs1_loop(model, pool, target, batch):
     g_pool, g_target = grads(pool), grads(target)
     extract = time.perf_counter() - start
     scores = g_target.double() @ g_pool.double().T
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / extract, time.perf_counter() - start
 
 
@@ -175,7 +180,7 @@ def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: i
                           for b in batches(target, batch)])
     extract = time.perf_counter() - start
     scores = f_target.double() @ f_pool.double().T
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / extract, time.perf_counter() - start
 
 
@@ -184,7 +189,9 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
-    modules = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" in n]
+    from prism_lightning.influence.per_example import lora_linears
+
+    modules = list(lora_linears(model))
 
     class LoraTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -208,13 +215,13 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
         analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
-        n_target = target["input_ids"].shape[0]  # all queries in one batch: one pass over the pool
-        analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=n_target,
+        # all queries in one batch: one pass over the pool
+        analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=n_rows(target),
                                          per_device_train_batch_size=batch, score_args=score_args,
                                          overwrite_output_dir=True)
         scores = analyzer.load_pairwise_scores("s")["all_modules"].double()
     secs = time.perf_counter() - start
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / secs, secs
 
 
@@ -246,23 +253,23 @@ def case_trak(model, pool, target, batch, dim: int):
     device = pool["input_ids"].device
     projector = BasicProjector(grad_dim=n_params, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
                                device=device, dtype=torch.float32)
-    n_pool, n_target = pool["input_ids"].shape[0], target["input_ids"].shape[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        traker = TRAKer(model, LanguageModelOutput(), train_set_size=n_pool, save_dir=tmp, load_from_save_dir=True,
-                        device=device, projector=projector, use_half_precision=False, grad_wrt=names)
+        traker = TRAKer(model, LanguageModelOutput(), train_set_size=n_rows(pool), save_dir=tmp,
+                        load_from_save_dir=True, device=device, projector=projector, use_half_precision=False,
+                        grad_wrt=names)
         checkpoint = model.state_dict()
         traker.load_checkpoint(checkpoint, model_id=0)
         for b in batches(pool, batch):
             traker.featurize(batch=[b["input_ids"], b["attention_mask"], b["labels"]],
                              num_samples=b["input_ids"].shape[0])
         traker.finalize_features()
-        traker.start_scoring_checkpoint("bench", checkpoint, model_id=0, num_targets=n_target)
+        traker.start_scoring_checkpoint("bench", checkpoint, model_id=0, num_targets=n_rows(target))
         for b in batches(target, batch):
             traker.score(batch=[b["input_ids"], b["attention_mask"], b["labels"]], num_samples=b["input_ids"].shape[0])
         scores = torch.as_tensor(traker.finalize_scores("bench")).double().T  # [target, pool]
     secs = time.perf_counter() - start
-    return scores, (n_pool + n_target) / secs, secs
+    return scores, n_rows(pool, target) / secs, secs
 
 
 def case_dattri_llm(model, pool, target, batch, method: str):
@@ -298,7 +305,7 @@ def case_dattri_llm(model, pool, target, batch, method: str):
     key = lambda data: hash_batch({"input_ids": data["input_ids"]})  # noqa: E731 - it hashes the model inputs
     train_order, test_order = [row[h] for h in key(pool)], [score.test_index[h] for h in key(target)]
     scores = matrix[train_order][:, test_order].double().T
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / secs, secs
 
 
@@ -311,7 +318,9 @@ def case_dattri_logra(model, pool, target, batch, dim: int):
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
 
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" in n]
+    from prism_lightning.influence.per_example import lora_linears
+
+    names = list(lora_linears(model))
     device = str(pool["input_ids"].device)
     task = AttributionTask(loss_func=lambda m, b, dev=None: row_losses(m, b).sum(), model=model,
                            checkpoints=model.state_dict())
@@ -323,7 +332,7 @@ def case_dattri_logra(model, pool, target, batch, dim: int):
         attributor.cache(loader(pool))
         scores = attributor.attribute(loader(pool), loader(target)).double().T * batch  # [target, pool]
     secs = time.perf_counter() - start
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / secs, secs
 
 
@@ -367,7 +376,7 @@ def case_bergson(model, pool, target, batch, dim: int):
                    column_offsets(sizes).items()}
         top, index = attributor.search(queries, k=None)
         scores = torch.empty_like(top).scatter_(1, index, top).double()  # undo the top-k sort: [target, pool]
-    rows = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    rows = n_rows(pool, target)
     return scores, rows / extract, time.perf_counter() - start
 
 
@@ -412,8 +421,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--save", help="folder for each case's scores (<workload>-<case>.pt)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every case on the same device)")
-    parser.add_argument("--budget", type=float, help="seconds for the whole run: later cases are skipped, a running "
-                        "one is stopped when it ends (for a lent machine's time limit)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run: a case still running when they are "
+                        "spent is stopped and later ones are skipped (for a lent machine's time limit)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
