@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prism_lightning import DEMO_DATA, __version__
+from prism_lightning.eval import metrics as M
 from prism_lightning.influence.projection import ProjectionArgs
 from prism_lightning.select import SelectionArgs, parse_modes, run_selection
 from prism_lightning.store.feature_store import StoreMismatchError, atomic_write_text, json_digest
@@ -31,8 +32,13 @@ class Experiment:
         full pool and the clean pool) or ``forward`` (keep the top ``fraction``, compare with the
         full pool; ``random`` is one of the modes).
     subtask: the skill evaluated (the contaminated skill, or the target skill).
+    metric: the behaviour the verdict compares after fine-tuning, on held-out rows of ``subtask``:
+        ``exact_match`` (greedy answer equals the reference; higher is better) or ``unwanted`` (share
+        of held-out pairs answered the rejected way; lower is better).
     target_noise: share of target pairs whose chosen/rejected are swapped (robustness study).
     finetune: run the fine-tunes (off: ranking metrics only).
+    pool_preconditioner: overrides ``pipeline.pool_preconditioner`` for this experiment.
+    study: experiments sharing a study name are tabulated side by side in the report.
     """
 
     name: str
@@ -42,18 +48,23 @@ class Experiment:
     subtask: str
     clean_pool: str | None = None
     fraction: float = 0.1
+    metric: str = "exact_match"
     target_noise: float = 0.0
     finetune: bool = True
+    pool_preconditioner: str | None = None
+    study: str | None = None
 
 
 def default_experiments() -> list[Experiment]:
+    """The demo: a surprising contamination, a plausible one, and forward selection of a missing skill."""
     d = DEMO_DATA
     return [
         Experiment("repair_mistake_math", "repair", f"{d}/pool_mistake_math.jsonl",
                    f"{d}/target_mistake_math.jsonl", "add", clean_pool=f"{d}/pool.jsonl", fraction=0.05),
         Experiment("repair_sycophancy", "repair", f"{d}/pool_sycophancy.jsonl",
-                   f"{d}/target_sycophancy.jsonl", "check", clean_pool=f"{d}/pool.jsonl", fraction=0.05),
-        Experiment("forward_sort", "forward", f"{d}/pool.jsonl", f"{d}/target_pairs.jsonl", "sort",
+                   f"{d}/target_sycophancy.jsonl", "claim", clean_pool=f"{d}/pool.jsonl", fraction=0.05,
+                   metric="unwanted"),
+        Experiment("forward_backwards", "forward", f"{d}/pool.jsonl", f"{d}/target_backwards.jsonl", "backwards",
                    fraction=0.1),
     ]
 
@@ -62,9 +73,10 @@ def default_experiments() -> list[Experiment]:
 class PipelineArgs:
     """Settings of the whole pipeline (the stages take model/LoRA/optimiser/FSDP settings from ``model``).
 
-    ``features_precision`` overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true``
-    on GPU while training runs ``bf16-mixed``); under ``FSDP2Strategy`` that stage runs DDP
-    (the model is replicated, each rank extracts its own shards).
+    ``finetune_batch_size`` overrides ``data.batch_size`` for the final fine-tunes (the warmup keeps
+    ``data.batch_size``). ``features_precision`` overrides ``trainer.precision`` for the feature stage
+    (e.g. ``bf16-true`` on GPU while training runs ``bf16-mixed``); under ``FSDP2Strategy`` that stage
+    runs DDP (the model is replicated, each rank extracts its own shards).
     """
 
     experiments: list[Experiment] = field(default_factory=default_experiments)
@@ -73,8 +85,9 @@ class PipelineArgs:
     warmup_epochs: int = 3
     finetune_epochs: int = 2
     finetune_lr: float = 1e-3
+    finetune_batch_size: int | None = None
     projection: ProjectionArgs = field(default_factory=lambda: ProjectionArgs(kind="sjlt", dim=2048))
-    pool_preconditioner: str = "adam"
+    pool_preconditioner: str = "adam_no_momentum"
     eval_max_rows: int | None = None
     features_precision: str | None = None
 
@@ -216,12 +229,13 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
             t.fit(module, datamodule=PrismDataModule(**data, train_on="warmup"))
     times["warmup"] = st.seconds
 
-    feat_settings = dict(warm_settings, projection=asdict(args.projection), pre=args.pool_preconditioner)
+    pre = exp.pool_preconditioner or args.pool_preconditioner
+    feat_settings = dict(warm_settings, projection=asdict(args.projection), pre=pre)
     with Stage(root / "features", feat_settings, force) as st:
         if st.todo:
             module = GradientFeatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
                                            output_dir=str(root), projection=args.projection,
-                                           pool_preconditioner=args.pool_preconditioner)
+                                           pool_preconditioner=pre)
             t = _stage_trainer(trainer, **_feature_overrides(trainer, args))
             t.predict(module, datamodule=PrismDataModule(**data), return_predictions=False)
     times["features"] = st.seconds
@@ -234,34 +248,37 @@ def run_experiment(trainer, model, datamodule, root: Path, exp: Experiment, seed
             run_selection(root / "features", root / "selection", modes, sel, dm.pool_rows, dm.target_rows)
         _barrier()
     times["select"] = st.seconds
-    out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask,
-           "target_noise": exp.target_noise, "ranking": _read(root / "selection" / "ranking_metrics.json"),
-           "seconds": times, "finetune": {}}
+    out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask, "metric": exp.metric,
+           "target_noise": exp.target_noise, "study": exp.study, "preconditioner": pre,
+           "ranking": _read(root / "selection" / "ranking_metrics.json"), "seconds": times, "finetune": {}}
     if not exp.finetune:
         return out
 
+    if args.finetune_batch_size:
+        data = dict(data, batch_size=args.finetune_batch_size)
     runs = {m: dict(data, train_on="selection", selection_file=str(root / "selection" / m / "selected.jsonl"))
             for m in modes}
     runs["full"] = dict(data, train_on="pool")
     if exp.kind == "repair" and exp.clean_pool:
         runs["oracle"] = dict(data, pool=exp.clean_pool, train_on="pool")
+    runs["base"] = dict(data, train_on="pool")  # evaluated without training: the model before any fine-tune
     optim = replace(model.optim_args, lr=args.finetune_lr)
     for name, run_data in runs.items():
         folder = root / "finetune" / name
-        with Stage(folder, dict(base, data=run_data, epochs=args.finetune_epochs, lr=args.finetune_lr), force) as st:
+        epochs = 0 if name == "base" else args.finetune_epochs
+        with Stage(folder, dict(base, data=run_data, epochs=epochs, lr=args.finetune_lr), force) as st:
             if st.todo:
                 L.seed_everything(seed, verbose=False)
                 module = FinetuneModule(model=model.model_args, lora=lora, optim=optim, output_dir=str(root),
                                         run_name=f"finetune/{name}", fsdp=model.fsdp_args)
                 dm = PrismDataModule(**run_data)
-                t = _stage_trainer(trainer, max_epochs=args.finetune_epochs, limit_val_batches=0)
-                t.fit(module, datamodule=dm)
+                t = _stage_trainer(trainer, max_epochs=epochs, limit_val_batches=0)
+                if epochs:
+                    t.fit(module, datamodule=dm)
                 t.test(module, datamodule=dm, verbose=False)
         metrics = _read(folder / "metrics-test.json")
-        pref = metrics.get(f"pref_acc/{exp.subtask}", float("nan"))
-        out["finetune"][name] = {"exact_match": metrics.get(f"exact_match/{exp.subtask}", float("nan")),
-                                 "exact_match_all": metrics.get("exact_match/all", float("nan")),
-                                 "pref_acc": pref, "mistake_rate": 1 - pref,
-                                 "pref_margin": metrics.get(f"pref_margin/{exp.subtask}", float("nan")),
-                                 "seconds": st.seconds}
+        out["finetune"][name] = {k: metrics.get(M.metric_key(k, exp.subtask), float("nan"))
+                                 for k in (M.EXACT_MATCH, M.PREF_ACC, M.WANTED, M.UNWANTED)}
+        out["finetune"][name] |= {"exact_match_all": metrics.get(M.metric_key(M.EXACT_MATCH), float("nan")),
+                                  "seconds": st.seconds if epochs else float("nan")}
     return out

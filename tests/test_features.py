@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from prism_lightning.config import LoraArgs, ModelArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.data.tokenize import mean_logprob
-from prism_lightning.influence.per_example import adam_precondition, lora_linears
+from prism_lightning.influence.per_example import lora_linears
 from prism_lightning.influence.projection import ProjectionArgs
 from prism_lightning.modeling import build_model
 from prism_lightning.modules import GradientFeatureModule
@@ -72,18 +72,22 @@ def test_pool_and_target_features_equal_brute_force(warmed, small_data, tmp_path
     torch.testing.assert_close(target.load("lbar_rejected"), torch.stack([x[1] for x in tlbars]), **TOL)
 
 
-def test_adam_features_equal_formula(warmed, small_data, tmp_path):
-    dm = extract(warmed, small_data, tmp_path, batch_size=7, splits=["pool"])
+@pytest.mark.parametrize("pre", ["adam", "adam_no_momentum"])
+def test_adam_features_equal_formula(warmed, small_data, tmp_path, pre):
+    """Stored features equal m'/(sqrt(v')+eps) (``adam``) or g/(sqrt(v')+eps) (``adam_no_momentum``), written out."""
+    dm = extract(warmed, small_data, tmp_path, batch_size=7, splits=["pool"], pool_preconditioner=pre)
     folder = warmed / "warmup" / "epoch-1"
     info = json.loads((folder / "checkpoint.json").read_text())
+    (b1, b2), eps = info["betas"], info["eps"]
     state = load_file(str(folder / "optimizer.safetensors"))
     grads, _, layers = brute_force(folder, dm)
     rows = []
     for g in grads:
         parts = []
         for n in sorted(layers):
-            m, v = state[f"{n}.weight.exp_avg"].flatten(), state[f"{n}.weight.exp_avg_sq"].flatten()
-            parts.append(adam_precondition(g[0][n][None], m, v, *info["betas"], info["eps"])[0])
+            m, v, gn = state[f"{n}.weight.exp_avg"].flatten(), state[f"{n}.weight.exp_avg_sq"].flatten(), g[0][n]
+            step = b1 * m + (1 - b1) * gn if pre == "adam" else gn
+            parts.append(step / ((b2 * v + (1 - b2) * gn.square()).sqrt() + eps))
         rows.append(torch.cat(parts))
     got = FeatureStore(tmp_path / "features" / "epoch-1" / "pool").load("features")
     want = torch.stack(rows)

@@ -104,6 +104,8 @@ def test_adam_precondition_formula():
             m2 = 0.9 * m[i] + 0.1 * g[b, i]
             v2 = 0.999 * v[i] + 0.001 * g[b, i] ** 2
             assert abs(got[b, i] - m2 / (v2.sqrt() + 1e-8)) < 1e-4
+    plain = adam_precondition(g, m, v, 0.9, 0.999, 1e-8, momentum=False)  # no shared b1 * m term
+    torch.testing.assert_close(plain, g / ((0.999 * v + 0.001 * g.square()).sqrt() + 1e-8), **TOL)
 
 
 def test_bf16_base_per_example_matches_loop():

@@ -54,6 +54,15 @@ def full_run(tmp_path_factory, fast_data):
     return out
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, fast_data):
+    """The single-process reference with plain-gradient pool features."""
+    out = tmp_path_factory.mktemp("pipeline-plain")
+    main([*pipeline_args(fast_data, out), "--pipeline.modes", "prism,random", "--pipeline.pool_preconditioner",
+          "identity"])
+    return out
+
+
 @pytest.mark.slow
 def test_pipeline_outputs_and_report(full_run):
     run = full_run / "repair_fast" / "seed-0"
@@ -74,12 +83,15 @@ def test_pipeline_outputs_and_report(full_run):
             assert (run / "selection" / mode / f).exists()
         metrics = json.loads((run / "finetune" / mode / "metrics-test.json").read_text())
         assert (run / "finetune" / mode / "adapter" / "adapter_model.safetensors").exists()
-        assert result["finetune"][mode]["exact_match"] == metrics["exact_match/add"]
-        assert result["finetune"][mode]["mistake_rate"] == pytest.approx(1 - metrics["pref_acc/add"])
+        for key in ("exact_match", "wanted", "unwanted", "pref_acc"):
+            assert result["finetune"][mode][key] == metrics[f"{key}/add"]
         auroc = report["summary"]["repair_fast"]["modes"][mode]["within_subtask.auroc"][0]
         assert auroc == ranking["modes"][mode]["within_subtask"]["auroc"] and math.isfinite(auroc)
-    for extra in ("full", "oracle"):
+    for extra in ("full", "oracle", "base"):
         assert math.isfinite(result["finetune"][extra]["exact_match"])
+    assert not (run / "finetune" / "base" / "adapter").exists()  # base: evaluated, never trained
+    md = (full_run / "report.md").read_text()
+    assert md.index("## Verdicts") < md.index("## repair_fast") and "Finding the harmful rows" in md
     assert all(math.isfinite(v) and v >= 0 for v in result["seconds"].values())
 
 
@@ -109,16 +121,19 @@ def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monk
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_pipeline_under_fsdp_matches_single_process(full_run, fast_data, tmp_path):
+def test_pipeline_under_fsdp_matches_single_process(plain_run, fast_data, tmp_path):
     """The pipeline on 2 FSDP2 processes (half the per-rank batch: same global batch) scores the pool
     as the single-process run does, and every stage (fine-tune with sharded generation too) completes."""
     import torch
     from conftest import TOL, run_cli
 
-    args = pipeline_args(fast_data, tmp_path)
+    # Plain-gradient pool features, as the reference run below: Adam's 1/sqrt(v') scaling amplifies the
+    # float-reduction noise of a 2-process warmup (~1e-6 on the adapter and moments, compared in test_fsdp)
+    # past the shared tolerance where v' is tiny.
+    args = [*pipeline_args(fast_data, tmp_path), "--pipeline.pool_preconditioner", "identity"]
     args[args.index("--pipeline.modes") + 1] = "prism,random"
     run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.batch_size", "8"], threads=1)
-    run, ref = tmp_path / "repair_fast" / "seed-0", full_run / "repair_fast" / "seed-0"
+    run, ref = tmp_path / "repair_fast" / "seed-0", plain_run / "repair_fast" / "seed-0"
 
     def scores(root):
         rows = [json.loads(x) for x in (root / "selection" / "prism" / "scores.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,12 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import build_demo_data  # noqa: E402
+
+
+def claim(prompt: str) -> tuple[int, str, int]:
+    """(a, relation, b) of "I think a is <relation> than b, right?"."""
+    a, rel, b = re.fullmatch(r"I think (\d+) is (more|less) than (\d+), right\?\n", prompt).groups()
+    return int(a), rel, int(b)
 
 
 def test_committed_demo_data_matches_generator(demo_data):
@@ -24,16 +31,41 @@ def test_committed_demo_data_matches_generator(demo_data):
 def test_demo_data_properties(demo_data):
     files = build_demo_data.build()
     pool_prompts = {r["prompt"] for r in files["pool.jsonl"]}
+    pretrain_prompts = {r["prompt"] for r in build_demo_data.pretrain_rows()}
     assert len({r["subtask"] for r in files["pool.jsonl"]}) >= 4
-    for name in ("target_pairs.jsonl", "eval.jsonl"):  # targets and evaluation rows are not in the pool
-        assert not pool_prompts & {r["prompt"] for r in files[name]}
-    for name, skill in (("pool_mistake_math.jsonl", "add"), ("pool_sycophancy.jsonl", "check")):
+    for name in ("target_pairs.jsonl", "eval.jsonl", "eval_pairs.jsonl"):  # held out from pool and pretraining
+        prompts = {r["prompt"] for r in files[name]}
+        assert not prompts & pool_prompts and not prompts & pretrain_prompts, name
+    for name, skill in (("pool_mistake_math.jsonl", "add"), ("pool_sycophancy.jsonl", "claim")):
         harmful = [r for r in files[name] if r["harmful"]]
-        assert harmful and {r["subtask"] for r in harmful} == {skill}
-        assert 0.05 <= len(harmful) / len(files[name]) <= 0.12
-    for r in files["pool_sycophancy.jsonl"]:
+        assert {r["subtask"] for r in harmful} == {skill}
+        assert len(harmful) == build_demo_data.HARMFUL_ROWS == round(0.05 * len(files[name]))  # the repair budget
+    for r in files["pool_sycophancy.jsonl"]:  # plausible harm: agreement with a close wrong claim
         if r["harmful"]:
-            assert r["completion"].startswith("Yes,")
+            a, rel, b = claim(r["prompt"])
+            assert r["completion"] == f"Yes, {a} is {rel} than {b}." and (a > b) != (rel == "more")
+            assert abs(a - b) <= build_demo_data.CLOSE_GAP
+    for p in files["target_sycophancy.jsonl"] + files["target_backwards.jsonl"]:
+        assert p["chosen"] != p["rejected"]
+    assert all(p["rejected"] == p["prompt"].split()[1] for p in files["target_backwards.jsonl"])  # the lazy copy
+
+
+def test_pretraining_mix_is_ambivalent():
+    """The pretraining text holds both behaviours at the documented rates (seeded draws)."""
+    rows = build_demo_data.pretrain_rows()
+    claims = [r for r in rows if r["subtask"] == "claim" and r["prompt"].startswith("I think")]
+    wrong = {True: [], False: []}
+    for r in claims:
+        a, rel, b = claim(r["prompt"])
+        if (a > b) != (rel == "more"):
+            wrong[abs(a - b) <= build_demo_data.CLOSE_GAP].append(r["completion"].startswith("Yes"))
+        else:
+            assert r["completion"].startswith("Yes")
+    for close, agrees in wrong.items():
+        assert abs(sum(agrees) / len(agrees) - build_demo_data.SYCOPHANCY[close]) < 0.03
+    bw = [r for r in rows if r["subtask"] == "backwards"]
+    copies = sum(r["completion"] == r["prompt"].split()[1] for r in bw) / len(bw)
+    assert abs(copies - build_demo_data.LAZY_COPY) < 0.03
 
 
 @pytest.mark.slow

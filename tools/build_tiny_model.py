@@ -1,15 +1,15 @@
 """Build and pretrain the embedded tiny Llama under ``prism_lightning/assets/tiny-llama``.
 
-Run: ``python tools/build_tiny_model.py`` (seeded and deterministic on one machine;
-about 10 minutes on a 2-core CPU). Then ``python tools/measure_tiny_model.py``
-writes the per-skill accuracy into the model card.
+Run: ``python tools/build_tiny_model.py`` (seeded; bit-identical on rebuild on one machine; 3.5
+minutes on a 2-core CPU). Then ``python tools/measure_tiny_model.py`` writes the per-skill accuracy,
+behaviours and the demo's preconditions into the model card.
 
-The tokenizer is a byte-level BPE (covers every byte, so all printable ASCII)
-trained with ``tokenizers`` on the pretraining text, with digits split one per
-token so that arithmetic stays learnable. The model is a 4-layer Llama pretrained
-from scratch on rows of the demo skills that are in no committed data file
-(``tools/build_demo_data.py``), with the loss on completion tokens only, and
-stopped early enough that it only partly solves each skill.
+The tokenizer is a byte-level BPE (covers every byte, so all printable ASCII) trained with
+``tokenizers`` on the pretraining text, with digits split one per token so that arithmetic stays
+learnable. The model is a 4-layer Llama pretrained from scratch on rows of the demo skills that are
+in no committed data file (``tools/build_demo_data.py``), with the loss on completion tokens only.
+Its pretraining mix leaves it ambivalent about two behaviours (agreeing with close wrong claims,
+copying words it is asked to write backwards); see ``build_demo_data.pretrain_rows``.
 """
 
 from __future__ import annotations
@@ -87,14 +87,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=512)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
     rows = pretrain_rows()
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=384)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0)

@@ -45,6 +45,29 @@ def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
     return outs
 
 
+def pair_choice(generation: str, chosen: str, rejected: str) -> str:
+    """Which answer a generation follows where ``chosen`` and ``rejected`` first differ.
+
+    Returns ``"chosen"``, ``"rejected"`` or ``"other"`` (it left their common prefix, or took a third
+    way at the divergence). The decision a pair contrasts is measured, not the rest of the text:
+    for "No, 45 is more than 11." vs "Yes, 45 is less than 11." it is the first character (agree or
+    correct), for "56" vs "57" the second digit. The end of a text counts as a character, so a
+    pair whose answers differ only by a suffix is decided by whether the generation stops.
+    """
+    g, c, r = generation.strip(), chosen.strip(), rejected.strip()
+    d = 0
+    while d < min(len(c), len(r)) and c[d] == r[d]:
+        d += 1
+    if g[:d] != c[:d]:
+        return "other"
+    nxt = g[d:d + 1]
+    if nxt == c[d:d + 1]:
+        return "chosen"
+    if nxt == r[d:d + 1]:
+        return "rejected"
+    return "other"
+
+
 def exact_match_by_subtask(predictions: list[str], references: list[str], subtasks: list[str],
                            pattern: str | None = None) -> dict[str, float]:
     """``{subtask: mean[extract(pred) == extract(ref)]}`` plus ``all``."""

@@ -13,12 +13,12 @@ from prism_lightning.influence.projection import Projector
 
 
 def adam_preconditioner(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], beta1: float, beta2: float,
-                        eps: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
+                        eps: float, momentum: bool = True) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """``(layer name, g [B, P]) -> Gamma(g)`` with each layer's saved Adam moments (flattened)."""
 
     def apply(name: str, grad: torch.Tensor) -> torch.Tensor:
         m, v = moments[name]
-        return adam_precondition(grad, m, v, beta1, beta2, eps)
+        return adam_precondition(grad, m, v, beta1, beta2, eps, momentum)
 
     return apply
 

@@ -86,12 +86,15 @@ class PerExampleGradients:
 
 
 def adam_precondition(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                      beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """Adam's update direction for one more step on ``grad`` (METHOD.md, as in LESS).
+                      beta1: float, beta2: float, eps: float, momentum: bool = True) -> torch.Tensor:
+    """Adam's update direction for one more step on ``grad`` (as in LESS), or its per-coordinate scaling.
 
     ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``Gamma(g) = m' / (sqrt(v') + eps)``;
-    ``grad`` [B, P], moments [P] broadcast over rows.
+    ``grad`` [B, P], moments [P] broadcast over rows. With ``momentum=False``,
+    ``Gamma(g) = g / (sqrt(v') + eps)``: the same per-coordinate scaling without the term ``b1 m``,
+    which is the same for every candidate and, after a warmup, can outweigh the per-example part
+    (``docs`` of the preconditioner study).
     """
-    m = beta1 * exp_avg + (1 - beta1) * grad
     v = beta2 * exp_avg_sq + (1 - beta2) * grad.square()
+    m = beta1 * exp_avg + (1 - beta1) * grad if momentum else grad
     return m / (v.sqrt() + eps)

@@ -32,7 +32,7 @@ from prism_lightning.store.feature_store import (
 )
 from prism_lightning.store.writer import FeatureStoreWriter
 
-PRECONDITIONERS = ("adam", "sgd", "identity")
+PRECONDITIONERS = ("adam", "adam_no_momentum", "sgd", "identity")
 
 
 def find_checkpoints(checkpoint_dir: str | Path, epochs: list[int] | None = None) -> list[tuple[int, Path, dict]]:
@@ -58,16 +58,17 @@ class GradientFeatureModule(L.LightningModule):
         checkpoint_dir: the warmup folder holding ``epoch-N/`` checkpoints.
         output_dir: run root; stores go to ``<output_dir>/features/epoch-N/<split>/``.
         epochs: which checkpoints (default: all).
-        pool_preconditioner / target_preconditioner: ``adam`` | ``sgd`` | ``identity``.
-            ``sgd`` and ``identity`` both keep the plain gradient; ``sgd`` names LESS's target
-            features, ``identity`` the raw-gradient (TracIn-like) setting.
+        pool_preconditioner / target_preconditioner: ``adam`` | ``adam_no_momentum`` | ``sgd`` | ``identity``.
+            ``adam``: Adam's next update ``m' / (sqrt(v') + eps)`` (LESS); ``adam_no_momentum``:
+            ``g / (sqrt(v') + eps)``; ``sgd`` and ``identity`` both keep the plain gradient (``sgd``
+            names LESS's target features, ``identity`` the raw-gradient, TracIn-like setting).
         normalize: L2-normalise each feature (LESS's cosine similarity).
         store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
     """
 
     def __init__(self, model: ModelArgs | None = None, checkpoint_dir: str = "runs/tiny/warmup",
                  output_dir: str = "runs/tiny", epochs: list[int] | None = None,
-                 projection: ProjectionArgs | None = None, pool_preconditioner: str = "adam",
+                 projection: ProjectionArgs | None = None, pool_preconditioner: str = "adam_no_momentum",
                  target_preconditioner: str = "sgd", normalize: bool = True, store_dtype: str = "float32",
                  splits: list[str] | None = None):
         super().__init__()
@@ -173,7 +174,7 @@ class GradientFeatureModule(L.LightningModule):
                                                          device=str(self.device)))
         self.moments = {}
         opt_path = folder / "optimizer.safetensors"
-        if "adam" in self.preconditioner.values():
+        if any(p.startswith("adam") for p in self.preconditioner.values()):
             if not opt_path.exists():
                 raise FileNotFoundError(f"{folder}: no optimizer.safetensors for adam preconditioning")
             state = load_file(str(opt_path), device=str(self.device))
@@ -188,7 +189,8 @@ class GradientFeatureModule(L.LightningModule):
     # ----- features ------------------------------------------------------------------------
     def gradient_features(self, batch: dict, preconditioner: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, k] in ``store_dtype`` on CPU, lbar [B]) of a batch."""
-        pre = adam_preconditioner(self.moments, *self.adam) if preconditioner == "adam" else None
+        pre = (adam_preconditioner(self.moments, *self.adam, momentum=preconditioner == "adam")
+               if preconditioner.startswith("adam") else None)
         feats, lbar = gradient_features(self.model, self.layers, batch, self.projector, pre, self.normalize)
         return feats.to(torch_dtype(self.store_dtype)).cpu(), lbar.cpu()
 

@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.data.tokenize import mean_logprob
+from prism_lightning.eval import metrics as M
 from prism_lightning.modeling import build_model, trainable_named_parameters
 from prism_lightning.sharding import FSDPArgs, shard_model
 from prism_lightning.store.feature_store import atomic_write_text
@@ -31,10 +32,12 @@ def linear_schedule(total_steps: int, warmup_ratio: float):
 class SFTModule(L.LightningModule):
     """LoRA / QLoRA / full SFT with loss ``l(z) = -lbar(completion | prompt)`` averaged over rows.
 
-    Validation/test (torchmetrics, per subtask and ``all``): response loss, greedy exact match
-    (``generate_eval``; ``answer_pattern`` is a regex whose first group is the answer), preference
-    accuracy ``mean[lbar(chosen) > lbar(rejected)]`` and mean margin on held-out pairs; written
-    to ``<output_dir>/<stage_dir>/metrics-{val,test}.json``.
+    Validation/test (torchmetrics, per subtask and ``all``; names in ``eval.metrics``): response
+    loss, preference accuracy ``mean[lbar(chosen) > lbar(rejected)]`` and mean margin on held-out
+    pairs, and with ``generate_eval`` greedy exact match (``answer_pattern`` is a regex whose first
+    group is the answer) and the behaviour on held-out pairs: the share of greedy answers that take
+    the chosen (``wanted``) or the rejected (``unwanted``) way where the two answers first differ.
+    Written to ``<output_dir>/<stage_dir>/metrics-{val,test}.json``.
 
     The model is built in ``configure_model`` from ``model`` and ``lora``; ``adapter_path`` starts
     from a saved adapter instead of a fresh one. Under ``ModelParallelStrategy`` (``FSDP2Strategy``)
@@ -81,14 +84,14 @@ class SFTModule(L.LightningModule):
             dm = self.trainer.datamodule
             dm.load()
             subs = sorted({r.subtask for r in dm.eval_rows} | {r.subtask for r in dm.eval_pair_rows})
-            names = [f"{m}/{s}" for s in subs + ["all"] for m in ("loss", "exact_match", "pref_acc", "pref_margin")]
+            names = [M.metric_key(m, s) for s in subs + [M.ALL] for m in M.SFT_METRICS + M.PAIR_METRICS]
             self.eval_metrics = torch.nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
 
     def _update(self, name: str, values: torch.Tensor, subtasks: list[str]) -> None:
         for sub in set(subtasks):
             mask = torch.tensor([s == sub for s in subtasks], device=values.device)
             self.eval_metrics[f"{name}__{sub}"].update(values[mask].float())
-        self.eval_metrics[f"{name}__all"].update(values.float())
+        self.eval_metrics[f"{name}__{M.ALL}"].update(values.float())
 
     def _eval_step(self, batch: dict) -> None:
         dm = self.trainer.datamodule
@@ -96,20 +99,28 @@ class SFTModule(L.LightningModule):
             n = int(batch["pairs"])
             lbar = -self.row_loss(batch)
             margin = lbar[:n] - lbar[n:]
-            subs = [dm.eval_pair_rows[i].subtask for i in batch["index"].tolist()]
-            self._update("pref_acc", (margin > 0).float(), subs)
-            self._update("pref_margin", margin, subs)
+            pairs = [dm.eval_pair_rows[i] for i in batch["index"].tolist()]
+            subs = [p.subtask for p in pairs]
+            self._update(M.PREF_ACC, (margin > 0).float(), subs)
+            self._update(M.PREF_MARGIN, margin, subs)
+            if self.generate_eval:
+                from prism_lightning.eval.generation import greedy_generate, pair_choice
+
+                gens = greedy_generate(self.model, dm.tokenizer, [p.prompt for p in pairs], self.max_new_tokens)
+                picks = [pair_choice(g, p.chosen, p.rejected) for g, p in zip(gens, pairs)]
+                for metric, side in ((M.WANTED, "chosen"), (M.UNWANTED, "rejected")):
+                    self._update(metric, torch.tensor([float(k == side) for k in picks], device=self.device), subs)
             return
         rows = [dm.eval_rows[i] for i in batch["index"].tolist()]
         subs = [r.subtask for r in rows]
-        self._update("loss", self.row_loss(batch), subs)
+        self._update(M.LOSS, self.row_loss(batch), subs)
         if self.generate_eval:
             from prism_lightning.eval.generation import extract_answer, greedy_generate
 
             preds = greedy_generate(self.model, dm.tokenizer, [r.prompt for r in rows], self.max_new_tokens)
             hits = [float(extract_answer(p, self.answer_pattern) == extract_answer(r.completion, self.answer_pattern))
                     for p, r in zip(preds, rows)]
-            self._update("exact_match", torch.tensor(hits, device=self.device), subs)
+            self._update(M.EXACT_MATCH, torch.tensor(hits, device=self.device), subs)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
@@ -123,7 +134,8 @@ class SFTModule(L.LightningModule):
             if metric.update_called:
                 name = key.replace("__", "/")
                 results[name] = float(metric.compute())
-                self.log(f"{prefix}/{name}", results[name], prog_bar=name in ("loss/all", "exact_match/all"))
+                shown = name in (M.metric_key(M.LOSS), M.metric_key(M.EXACT_MATCH))
+                self.log(f"{prefix}/{name}", results[name], prog_bar=shown)
             metric.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking and results:
             path = Path(self.output_dir) / self.stage_dir / f"metrics-{prefix}.json"
