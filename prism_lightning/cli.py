@@ -2,6 +2,8 @@
 
 ``main(args=None)`` wraps a ``LightningCLI`` so tests drive the real CLI in-process, e.g.
 ``main(["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.fast_dev_run", "true"])``.
+Every settings field's docstring is its ``--help`` line (``--model.help WarmupModule`` lists a
+module's), and ``Literal`` choices are checked when the config is parsed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import os
 import warnings
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+import prism_lightning.modules  # noqa: F401  (registers WarmupModule, GradientFeatureModule, ... for --model)
 from prism_lightning.data.datamodule import PrismDataModule
 from prism_lightning.trainer import PrismTrainer
+
+PROG = "python -m prism_lightning"
 
 
 class PrismCLI(LightningCLI):
@@ -30,15 +36,17 @@ def main(args: list[str] | None = None, run: bool = True) -> PrismCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the feature writer reads row indices from each batch, not from the sampler
     warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return PrismCLI(
         model_class=None,
         datamodule_class=PrismDataModule,
         trainer_class=PrismTrainer,
         subclass_mode_model=True,
+        auto_configure_optimizers=False,  # the modules build AdamW themselves (its moments feed the features)
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "PRISM: preference-aware influence-based data selection"},
+        parser_kwargs={"prog": PROG, "description": "PRISM: preference-aware influence-based data selection"},
     )
 
 

@@ -1,58 +1,225 @@
-"""Typed settings shared by the stages (each a dataclass that YAML configs fill in)."""
+"""Typed settings of every stage: dataclasses that YAML configs and the command line fill in.
+
+Import-light (torch, the project's registries and nothing else): the CLI builds its parser from
+these classes, and each field's docstring is its ``--help`` line. Choices are ``Literal`` types,
+so a misspelt value is refused when the config is parsed, before any compute.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Literal
 
-from prism_lightning import TINY_MODEL
+from prism_lightning import DEMO_DATA, TINY_MODEL
+from prism_lightning.influence.preconditioners import PreconditionerName
+from prism_lightning.influence.scoring import MODES, ModeName
+
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
 class ModelArgs:
-    """Which causal LM to load and how.
-
-    ``name_or_path`` is a hub id or a local folder, loaded with ``AutoModelForCausalLM``.
-    ``quantization: nf4`` loads the base in 4-bit (bitsandbytes, QLoRA).
-    ``dtype`` is the base weights' dtype (``float32``, ``bfloat16``, ``float16``).
-    """
+    """Which causal LM to load and how (``AutoModelForCausalLM.from_pretrained``)."""
 
     name_or_path: str = TINY_MODEL
-    dtype: str = "float32"
-    quantization: str | None = None
+    """Hub id or local folder of the base model (the embedded tiny Llama by default)."""
+    dtype: DType = "float32"
+    """dtype of the base weights (and of QLoRA's compute)."""
+    quantization: Literal["nf4"] | None = None
+    """``nf4``: load the base in 4-bit NF4 with bitsandbytes (QLoRA); null: no quantization."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more compute)."""
     attn_implementation: str | None = "eager"
+    """transformers attention implementation (``eager``, ``sdpa``, ``flash_attention_2``)."""
     trust_remote_code: bool = False
+    """Allow model code from the hub repository (transformers' ``trust_remote_code``)."""
 
 
 @dataclass
 class LoraArgs:
-    """LoRA adapter settings (METHOD.md: r=128, alpha=512, dropout 0.1 on q/k/v/o).
-
-    ``enabled: false`` trains every parameter (full fine-tune).
-    """
+    """LoRA adapter settings (the paper's: r=128, alpha=512, dropout 0.1 on q/k/v/o)."""
 
     enabled: bool = True
+    """false: train every parameter (full fine-tune; gradient features need LoRA)."""
     r: int = 128
+    """LoRA rank."""
     alpha: int = 512
+    """LoRA scale numerator (the update is ``alpha / r * B A``)."""
     dropout: float = 0.1
+    """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get an adapter."""
     init_seed: int = 0
+    """Seed of the adapter's initialisation (the pipeline sets it to the experiment's seed)."""
 
 
 @dataclass
 class OptimArgs:
-    """AdamW with linear decay after a linear warmup of ``warmup_ratio`` of the steps."""
+    """AdamW with a linear rise over ``warmup_ratio`` of the steps, then linear decay to 0."""
 
     lr: float = 2e-5
+    """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2); saved with each warmup checkpoint for the Adam preconditioners."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     warmup_ratio: float = 0.03
+    """Share of the steps with a rising learning rate."""
 
 
-def to_dict(obj) -> dict:
-    """A dataclass as a JSON-ready dict."""
-    return asdict(obj)
+@dataclass
+class FSDPArgs:
+    """How ``configure_model`` shards the model when the trainer runs the ``fsdp2`` strategy."""
+
+    param_dtype: DType | None = None
+    """dtype the all-gathered weights compute in (``bfloat16`` on GPU); null: the stored dtype."""
+    reduce_dtype: DType | None = "float32"
+    """dtype of the gradient reduce-scatter."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward (ZeRO-3); false keeps them (more memory)."""
+
+
+@dataclass
+class ProjectionArgs:
+    """Random projection of the per-example gradients to ``dim`` dimensions."""
+
+    kind: Literal["none", "rademacher", "sjlt"] = "sjlt"
+    """``sjlt``: sparse sign sketch; ``rademacher``: dense +-1/sqrt(k); ``none``: raw gradients (small models)."""
+    dim: int = 8192
+    """k, the projected dimension (LESS: 8192)."""
+    seed: int = 0
+    """Seed of the projection (identical across processes, devices and runs)."""
+    sjlt_s: int = 1
+    """Nonzeros per input coordinate of the sparse sketch."""
+    block_rows: int = 4096
+    """Rows of the dense Rademacher matrix generated at a time."""
+    cache_mb: int = 512
+    """Memory for generated projection blocks kept between batches (does not change the values)."""
+
+
+@dataclass
+class SelectionArgs:
+    """How to turn scores into a subset."""
+
+    task: Literal["forward", "repair"] = "forward"
+    """``forward``: keep the top rows; ``repair``: drop the bottom (most harmful) rows, keep the rest."""
+    fraction: float | None = 0.05
+    """Budget as a share of the pool: rows kept (forward) or removed (repair). Give it or ``k``."""
+    k: int | None = None
+    """Budget as a row count (instead of ``fraction``)."""
+    per_subtask_direction: bool = False
+    """One target direction per target subtask, max over subtasks (``less`` always does this)."""
+    per_subtask_quota: bool = False
+    """Spread the budget over the pool's subtasks in proportion to their size."""
+    epochs: list[int] | None = None
+    """Warmup checkpoints to score with (default: every complete store)."""
+    chunk_rows: int = 8192
+    """Pool rows scored at a time (memory: chunk_rows x k x 8 bytes)."""
+    seed: int = 0
+    """Seed of the ``random`` mode."""
+    label: str | None = "harmful"
+    """Ground-truth column for ranking metrics (skipped when the pool lacks it); never used to score."""
+    plots: bool = True
+    """Write ``roc.png`` and ``score_distributions.png`` with the ranking metrics."""
+
+
+@dataclass
+class Columns:
+    """Column names in the user's files (rename here instead of editing the data)."""
+
+    id: str = "id"
+    """Row id (default: the row number)."""
+    prompt: str = "prompt"
+    """Prompt text, or a list of chat messages."""
+    completion: str = "completion"
+    """Response of an SFT row (string or the assistant message)."""
+    messages: str = "messages"
+    """Chat messages of an SFT row; the last one is the assistant's response."""
+    text: str = "text"
+    """Plain text row (loss on every token)."""
+    chosen: str = "chosen"
+    """Wanted response of a preference pair."""
+    rejected: str = "rejected"
+    """Unwanted response of a preference pair."""
+    subtask: str = "subtask"
+    """Skill or group label (default ``all``)."""
+    label: str = "harmful"
+    """Ground-truth column read only by evaluation."""
+
+
+@dataclass
+class Experiment:
+    """One experiment of the pipeline: a pool, target pairs, a budget and how to judge the result."""
+
+    name: str
+    """Folder name under the output folder (letters, digits, ``_ . -``)."""
+    kind: Literal["repair", "forward"]
+    """``repair``: drop the most harmful ``fraction`` of a contaminated pool (compared with the full and
+    the clean pool); ``forward``: keep the top ``fraction`` (compared with the full pool and ``random``)."""
+    pool: str
+    """Candidate rows (file or folder)."""
+    target: str
+    """Target preference pairs."""
+    subtask: str
+    """The skill evaluated: the contaminated skill, or the target skill."""
+    clean_pool: str | None = None
+    """The pool without contamination, for the ``oracle`` fine-tune of a repair experiment."""
+    fraction: float = 0.1
+    """Budget: share of the pool kept (forward) or removed (repair)."""
+    metric: Literal["exact_match", "unwanted"] = "exact_match"
+    """Behaviour the verdict compares after fine-tuning, on held-out rows of ``subtask``: ``exact_match``
+    (higher is better) or ``unwanted`` (share of held-out pairs answered the rejected way; lower is better)."""
+    target_noise: float = 0.0
+    """Share of target pairs whose chosen/rejected are swapped (robustness study)."""
+    finetune: bool = True
+    """Run the fine-tunes (false: ranking metrics only)."""
+    pool_preconditioner: PreconditionerName | None = None
+    """Overrides ``pipeline.pool_preconditioner`` for this experiment."""
+    study: str | None = None
+    """Experiments sharing a study name are tabulated side by side in the report."""
+
+
+def default_experiments() -> list[Experiment]:
+    """The demo: a surprising contamination, a plausible one, and forward selection of a missing skill."""
+    d = DEMO_DATA
+    return [
+        Experiment("repair_mistake_math", "repair", f"{d}/pool_mistake_math.jsonl",
+                   f"{d}/target_mistake_math.jsonl", "add", clean_pool=f"{d}/pool.jsonl", fraction=0.05),
+        Experiment("repair_sycophancy", "repair", f"{d}/pool_sycophancy.jsonl",
+                   f"{d}/target_sycophancy.jsonl", "claim", clean_pool=f"{d}/pool.jsonl", fraction=0.05,
+                   metric="unwanted"),
+        Experiment("forward_backwards", "forward", f"{d}/pool.jsonl", f"{d}/target_backwards.jsonl", "backwards",
+                   fraction=0.1),
+    ]
+
+
+@dataclass
+class PipelineArgs:
+    """Settings of the whole pipeline; the stages take model, LoRA, optimiser and FSDP settings from ``model``."""
+
+    experiments: list[Experiment] = field(default_factory=default_experiments)
+    """The experiments, each run for every seed."""
+    modes: list[ModeName] = field(default_factory=lambda: list(MODES))
+    """Scoring modes compared in every experiment."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds: each varies the warmup subset, the data order and the LoRA initialisation."""
+    warmup_epochs: int = 3
+    """Warmup epochs (one reference checkpoint each)."""
+    finetune_epochs: int = 2
+    """Epochs of each final fine-tune."""
+    finetune_lr: float = 1e-3
+    """Learning rate of the final fine-tunes (the warmup uses ``model.optim.lr``)."""
+    finetune_batch_size: int | None = None
+    """Overrides ``data.batch_size`` for the final fine-tunes (the warmup keeps ``data.batch_size``)."""
+    projection: ProjectionArgs = field(default_factory=lambda: ProjectionArgs(kind="sjlt", dim=2048))
+    """Projection of the gradient features."""
+    pool_preconditioner: PreconditionerName = "adam_no_momentum"
+    """Preconditioner of the pool features (target features keep the plain gradient)."""
+    features_precision: str | None = None
+    """Overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true`` while training runs
+    ``bf16-mixed``); under the ``fsdp2`` strategy that stage runs DDP (each rank extracts its shards)."""
 
 
 def plain(obj):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,8 +88,6 @@ def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | Non
 
 def merge_adapter(model: ModelArgs, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Base (unquantized, ``model.dtype``, CPU) + LoRA adapter merged: ``W + (alpha / r) B A``, saved to ``out_dir``."""
-    from dataclasses import replace
-
     from peft import PeftModel
 
     base = load_base_model(replace(model, quantization=None))

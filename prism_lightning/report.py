@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from prism_lightning.eval import metrics as M
-from prism_lightning.store.feature_store import atomic_write_text
+from prism_lightning.io import atomic_write_text
 
 BASELINES = ("loss", "random")  # the free baselines every verdict names
 RANK_METRIC = "within_subtask.auroc"

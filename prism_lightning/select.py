@@ -8,52 +8,32 @@ and ``score_distributions.png`` in ``<selection_dir>``. Every store is read once
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from prism_lightning.config import SelectionArgs
 from prism_lightning.data.formats import PairRow, SFTRow
+from prism_lightning.errors import StoreMismatchError
+from prism_lightning.eval.plots import plot_roc, plot_score_distributions
+from prism_lightning.eval.ranking import ranking_report
 from prism_lightning.influence.scoring import (
     GRADIENT_MODES,
     MODES,
+    Inputs,
+    checkpoint_scores,
     combine,
     direction_matrix,
     preference_weights,
-    random_scores,
     reduce_groups,
-    stream_dot,
 )
 from prism_lightning.influence.selection import budget, choose, rank_order
-from prism_lightning.store.feature_store import FeatureStore, StoreMismatchError, atomic_write_text, json_digest
+from prism_lightning.io import atomic_write_text, json_digest
+from prism_lightning.store.feature_store import FeatureStore
 
 # Manifest keys a store must share with the settings being scored (and pool with target stores).
 SCORING_KEYS = ("model", "projection", "normalize", "dim")
-
-
-@dataclass
-class SelectionArgs:
-    """How to turn scores into a subset.
-
-    task: ``forward`` (keep the top) or ``repair`` (drop the bottom, keep the rest).
-    fraction / k: the budget (exactly one): rows kept (forward) or removed (repair).
-    per_subtask_direction: one direction per target subtask, max over subtasks (``less`` always).
-    per_subtask_quota: spread the budget over pool subtasks in proportion to their size.
-    epochs: checkpoints to use (default: every complete store).
-    chunk_rows: pool rows scored at a time (memory = chunk_rows x k).
-    label: ground-truth column for ranking metrics (skipped when the pool lacks it).
-    """
-
-    task: str = "forward"
-    fraction: float | None = 0.05
-    k: int | None = None
-    per_subtask_direction: bool = False
-    per_subtask_quota: bool = False
-    epochs: list[int] | None = None
-    chunk_rows: int = 8192
-    seed: int = 0
-    label: str | None = "harmful"
-    plots: bool = True
 
 
 def parse_modes(modes: str | list[str]) -> list[str]:
@@ -95,6 +75,7 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
     stores = _stores(Path(features_dir), args.epochs, need_target=bool(grad_modes))
     per_epoch, lrs, losses, weights, manifests = [], [], [], {}, []
     subtasks = [t.subtask for t in targets]
+    need_loss = any(MODES[m].needs_loss for m in modes)
     for epoch, pstore, tstore in stores:
         if len(pstore) != len(pool):
             raise StoreMismatchError(f"{pstore.folder}: {len(pstore)} rows but the pool has {len(pool)}; the "
@@ -102,7 +83,7 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
         _check(pstore, expected or {}, "pool")
         lrs.append(float(pstore.manifest["lr_mean"]))
         manifests.append(pstore.manifest)
-        if "loss" in modes:
+        if need_loss:
             losses.append(pstore.load("loss").double())
         if not grad_modes:
             continue
@@ -114,15 +95,11 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
         weights[f"epoch-{epoch}"] = pi
         matrix, keys = direction_matrix(grad_modes, tstore.load("chosen"), tstore.load("rejected"), pi,
                                         subtasks, args.per_subtask_direction)
-        dots, norms = stream_dot((c["features"] for c in pstore.iter_chunks(["features"], args.chunk_rows)), matrix)
-        less_cols = [j for j, (m, _) in enumerate(keys) if m == "less"]
-        dots[:, less_cols] /= norms.clamp_min(1e-12)[:, None]  # LESS: cosine with unit candidate
-        per_epoch.append(dots)
+        chunks = (c["features"] for c in pstore.iter_chunks(["features"], args.chunk_rows))
+        per_epoch.append(checkpoint_scores(chunks, matrix, keys))
     scores = reduce_groups(combine(per_epoch, lrs), keys, grad_modes) if grad_modes else {}
-    if "loss" in modes:
-        scores["loss"] = -combine(losses, lrs)
-    if "random" in modes:
-        scores["random"] = random_scores(len(pool), args.seed)
+    inputs = Inputs(rows=len(pool), seed=args.seed, lrs=lrs, losses=losses)
+    scores |= {m: MODES[m].scores(inputs) for m in modes if MODES[m].scores is not None}
     return {m: scores[m] for m in modes}, weights, manifests
 
 
@@ -178,15 +155,11 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
     labels = [r.extra.get(args.label) for r in pool] if args.label else []
     harmful = torch.tensor([bool(v) for v in labels]) if labels and None not in labels else None
     if harmful is not None and harmful.any():  # ranking metrics need ground truth with some harmful rows
-        from prism_lightning.eval.ranking import ranking_report
-
         frac = args.fraction if args.fraction is not None else args.k / len(pool)
         report = ranking_report(scores, harmful, [r.subtask for r in pool], frac)
         atomic_write_text(out / "ranking_metrics.json", json.dumps(report, indent=2))
         summary["ranking_metrics"] = report
         if args.plots:
-            from prism_lightning.eval.plots import plot_roc, plot_score_distributions
-
             plot_roc(scores, harmful, out / "roc.png")
             plot_score_distributions(scores, harmful, out / "score_distributions.png")
     return summary

@@ -13,35 +13,14 @@ parameter) and everything else -- LoRA weights, embeddings, norms, ``lm_head`` -
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
+from prism_lightning.config import FSDPArgs
 from prism_lightning.modeling import torch_dtype, trainable_named_parameters
-
-
-@dataclass
-class FSDPArgs:
-    """How ``configure_model`` shards the model when the trainer runs ``ModelParallelStrategy``.
-
-    param_dtype: dtype the all-gathered weights compute in (``bfloat16`` on GPU: mixed precision;
-        ``null`` computes in the stored dtype, e.g. fp32 on CPU). Master weights and Adam stay fp32.
-    reduce_dtype: dtype of the gradient reduce-scatter (``float32``).
-    reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3); ``false``
-        keeps them for the backward (less communication, more memory).
-    """
-
-    param_dtype: str | None = None
-    reduce_dtype: str | None = "float32"
-    reshard_after_forward: bool = True
-
-    def __post_init__(self) -> None:  # refuse a misspelt dtype when the config is read, not after loading
-        for name in (self.param_dtype, self.reduce_dtype):
-            if name is not None:
-                torch_dtype(name)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

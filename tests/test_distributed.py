@@ -8,21 +8,22 @@ import pytest
 from conftest import REPO, run_cli
 from test_features import extract
 
-from prism_lightning.influence.projection import ProjectionArgs
+from prism_lightning.config import ProjectionArgs, SelectionArgs
+from prism_lightning.select import run_selection
 
 
 @pytest.mark.distributed
 def test_ddp_ranks_serve_exactly_the_selection(warmed, small_data, tmp_path):
-    extract(warmed, small_data, tmp_path, projection=ProjectionArgs(kind="sjlt", dim=256))
+    dm = extract(warmed, small_data, tmp_path, projection=ProjectionArgs(kind="sjlt", dim=256))
     sel = tmp_path / "selection"
+    run_selection(tmp_path / "features", sel, ["prism"], SelectionArgs(fraction=0.25), dm.pool_rows, dm.target_rows)
     cmd = ["fit", "--config", "configs/tiny/finetune.yaml",
            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
            "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=ddp_helpers.RecordTrainRows", f"--trainer.callbacks.out={tmp_path / 'rows'}",
            "--model.init_args.output_dir", str(tmp_path), "--data.pool", str(small_data["pool"]),
-           "--data.target", str(small_data["target_pairs"]), "--data.selection_dir", str(sel),
-           "--data.features_dir", str(tmp_path / "features"), "--data.selection_mode", "prism",
-           "--data.selection.fraction", "0.25", "--data.batch_size", "4"]
+           "--data.target", str(small_data["target_pairs"]), "--data.selection_file",
+           str(sel / "prism" / "selected.jsonl"), "--data.batch_size", "4"]
     run_cli(cmd, extra_path=str(REPO / "tests"))
     selected = [json.loads(x)["id"] for x in (sel / "prism" / "selected.jsonl").read_text().splitlines()]
     pool = [json.loads(x)["id"] for x in small_data["pool"].read_text().splitlines()]
@@ -36,7 +37,7 @@ def test_ddp_ranks_serve_exactly_the_selection(warmed, small_data, tmp_path):
 @pytest.mark.parametrize("n_rows,batch,world", [(48, 8, 2), (10, 4, 3), (5, 4, 2), (97, 8, 4)])
 def test_global_batch_sampler_splits_the_single_process_batches(n_rows, batch, world):
     """W ranks with batch B see, step by step, the rows one process with batch W B sees (padded at the end)."""
-    from prism_lightning.data.datamodule import GlobalBatchSampler
+    from prism_lightning.data.samplers import GlobalBatchSampler
 
     one = GlobalBatchSampler(n_rows, batch * world, seed=3)
     ranks = [GlobalBatchSampler(n_rows, batch, world, r, seed=3) for r in range(world)]

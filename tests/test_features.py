@@ -12,14 +12,14 @@ import torch
 from conftest import TOL, run_cli
 from safetensors.torch import load_file
 
-from prism_lightning.config import LoraArgs, ModelArgs
+from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
 from prism_lightning.data import PrismDataModule
-from prism_lightning.data.tokenize import mean_logprob
+from prism_lightning.errors import StoreMismatchError
+from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.influence.per_example import lora_linears
-from prism_lightning.influence.projection import ProjectionArgs
 from prism_lightning.modeling import build_model
 from prism_lightning.modules import GradientFeatureModule
-from prism_lightning.store.feature_store import FeatureStore, StoreMismatchError
+from prism_lightning.store.feature_store import FeatureStore
 
 
 def extract(warmed, data, out, batch_size=8, shard_size=16, **kw):

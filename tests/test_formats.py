@@ -9,8 +9,10 @@ import pytest
 from conftest import write_jsonl
 
 from prism_lightning.config import ModelArgs
-from prism_lightning.data.formats import DataFormatError, load_pairs, load_sft
-from prism_lightning.data.tokenize import IGNORE, Encoder, pad_batch
+from prism_lightning.data.formats import load_pairs, load_sft
+from prism_lightning.data.tokenize import Encoder, pad_batch
+from prism_lightning.errors import DataFormatError
+from prism_lightning.influence.objective import IGNORE
 from prism_lightning.modeling import load_tokenizer
 
 
@@ -50,7 +52,7 @@ def test_parquet_csv_and_saved_dataset(tmp_path):
 
 
 def test_column_mapping(tmp_path):
-    from prism_lightning.data.formats import Columns
+    from prism_lightning.config import Columns
 
     path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "a"}])
     assert load_sft(path, Columns(prompt="question", completion="answer"))[0].completion == "a"

@@ -76,12 +76,13 @@ def test_qlora_fsdp_with_activation_checkpointing_equals_single_process(small_da
     assert_same_checkpoint(single / "epoch-1", sharded / "epoch-1")
 
 
-def test_fsdp_settings_are_checked_when_read():
-    from prism_lightning.sharding import FSDPArgs
+def test_fsdp_settings_are_checked_when_read(capsys):
+    from prism_lightning.cli import main
 
-    with pytest.raises(ValueError, match="'bf16'.*fsdp.param_dtype.*bfloat16"):
-        FSDPArgs(param_dtype="bf16")
-    assert FSDPArgs(param_dtype="bfloat16").reduce_dtype == "float32"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/tiny/warmup.yaml", "--model.init_args.fsdp.param_dtype", "bf16"])
+    err = capsys.readouterr().err  # refused when parsed: nothing was built or run
+    assert "param_dtype" in err and "Given value: bf16" in err and "Literal['float32', 'bfloat16', 'float16']" in err
 
 
 def test_decoder_layers_refuses_a_model_without_layers():
@@ -92,7 +93,7 @@ def test_decoder_layers_refuses_a_model_without_layers():
 
 
 def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
-    from prism_lightning.callbacks.adapter_checkpoint import atomic_folder
+    from prism_lightning.io import atomic_folder
 
     target = tmp_path / "adapter"
     with atomic_folder(target) as tmp:

@@ -72,16 +72,18 @@ def test_adam_features_match_an_independent_adam_computation():
     sys.path.insert(0, str(RUNNER.parent))
     import run
 
-    from prism_lightning.influence.extract import adam_preconditioner, gradient_features
+    from prism_lightning.config import ProjectionArgs
+    from prism_lightning.influence.extract import gradient_features
     from prism_lightning.influence.per_example import lora_linears
-    from prism_lightning.influence.projection import ProjectionArgs, Projector
+    from prism_lightning.influence.preconditioners import Adam
+    from prism_lightning.influence.projection import Projector
 
     model, pool, _, _ = run.build("S")
     rows = {k: v[:6] for k, v in pool.items()}
     layers = lora_linears(model)
     moments = run.adam_moments(layers)
     projector = Projector(ProjectionArgs(kind="none", dim=0), {n: m.weight.numel() for n, m in layers.items()})
-    ours, _ = gradient_features(model, layers, rows, projector, adam_preconditioner(moments, 0.9, 0.999, 1e-8),
+    ours, _ = gradient_features(model, layers, rows, projector, Adam.from_moments(moments, 0.9, 0.999, 1e-8),
                                 normalize=False)
     names = sorted(layers)
     want = []
@@ -90,9 +92,9 @@ def test_adam_features_match_an_independent_adam_computation():
         grads = torch.autograd.grad(loss, [layers[n].weight for n in names])
         parts = []
         for n, g in zip(names, grads):
-            m, v = moments[n]
-            m1 = 0.9 * m + 0.1 * g.flatten()
-            v1 = 0.999 * v + 0.001 * g.flatten() ** 2
-            parts.append(m1 / (v1.sqrt() + 1e-8))
+            m, v = moments[n]  # weight-shaped, like g
+            m1 = 0.9 * m + 0.1 * g
+            v1 = 0.999 * v + 0.001 * g ** 2
+            parts.append((m1 / (v1.sqrt() + 1e-8)).flatten())
         want.append(torch.cat(parts))
     torch.testing.assert_close(ours, torch.stack(want), **TOL)

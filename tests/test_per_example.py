@@ -7,8 +7,10 @@ import torch
 from conftest import TOL
 
 from prism_lightning.config import LoraArgs, ModelArgs
-from prism_lightning.data.tokenize import Encoder, mean_logprob, pad_batch
-from prism_lightning.influence.per_example import PerExampleGradients, adam_precondition, lora_linears
+from prism_lightning.data.tokenize import Encoder, pad_batch
+from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.influence.per_example import PerExampleGradients, lora_linears
+from prism_lightning.influence.preconditioners import adam_precondition
 from prism_lightning.modeling import build_model, load_tokenizer
 
 PROMPTS = [("What is 12+7?\n", "19"), ("Reverse abcd\n", "dcba"), ("Capital of Kalomi?\n", "Tuzor"),
@@ -50,7 +52,7 @@ def loop_grads(model, seqs, pad_id):
         batch = pad_batch([s], pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         (-mean_logprob(logits, batch["labels"])).sum().backward()
-        rows.append({n: m.weight.grad.detach().flatten().clone() for n, m in layers.items()})
+        rows.append({n: m.weight.grad.detach().clone() for n, m in layers.items()})
         model.zero_grad(set_to_none=True)
     return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
 
@@ -119,5 +121,5 @@ def test_bf16_base_per_example_matches_loop():
     want = loop_grads(model, seqs, pad)
     got = batched_grads(model, seqs, pad)
     for name in want:
-        cos = torch.nn.functional.cosine_similarity(got[name], want[name].float(), dim=1)
+        cos = torch.nn.functional.cosine_similarity(got[name].flatten(1), want[name].float().flatten(1), dim=1)
         assert (cos > 0.99).all(), (name, cos)

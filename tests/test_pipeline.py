@@ -10,7 +10,7 @@ from conftest import write_jsonl
 
 from prism_lightning.cli import main
 
-MODES = "prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss"
+MODES = "[prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss]"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def full_run(tmp_path_factory, fast_data):
 def plain_run(tmp_path_factory, fast_data):
     """The single-process reference with plain-gradient pool features."""
     out = tmp_path_factory.mktemp("pipeline-plain")
-    main([*pipeline_args(fast_data, out), "--pipeline.modes", "prism,random", "--pipeline.pool_preconditioner",
+    main([*pipeline_args(fast_data, out), "--pipeline.modes", "[prism,random]", "--pipeline.pool_preconditioner",
           "identity"])
     return out
 
@@ -78,7 +78,7 @@ def test_pipeline_outputs_and_report(full_run):
     assert (full_run / "report.md").read_text().startswith("# prism_lightning report")
     ranking = json.loads((run / "selection" / "ranking_metrics.json").read_text())
     result = report["results"][0]
-    for mode in MODES.split(","):
+    for mode in MODES.strip("[]").split(","):
         for f in ("scores.jsonl", "selected.jsonl", "weights.jsonl", "manifest.json"):
             assert (run / "selection" / mode / f).exists()
         metrics = json.loads((run / "finetune" / mode / "metrics-test.json").read_text())
@@ -112,7 +112,7 @@ def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monk
     main(pipeline_args(fast_data, tmp_path))
     for stage, mtime in marks.items():  # completed stages were skipped, not redone
         assert (run / stage / "stage.json").stat().st_mtime_ns == mtime
-    for mode in MODES.split(","):  # the resumed run equals the uninterrupted one (same seed)
+    for mode in MODES.strip("[]").split(","):  # the resumed run equals the uninterrupted one (same seed)
         a = (full_run / "repair_fast" / "seed-0" / "selection" / mode / "scores.jsonl").read_text()
         assert (run / "selection" / mode / "scores.jsonl").read_text() == a
     with pytest.raises(Exception, match="other settings"):
@@ -131,7 +131,7 @@ def test_pipeline_under_fsdp_matches_single_process(plain_run, fast_data, tmp_pa
     # float-reduction noise of a 2-process warmup (~1e-6 on the adapter and moments, compared in test_fsdp)
     # past the shared tolerance where v' is tiny.
     args = [*pipeline_args(fast_data, tmp_path), "--pipeline.pool_preconditioner", "identity"]
-    args[args.index("--pipeline.modes") + 1] = "prism,random"
+    args[args.index("--pipeline.modes") + 1] = "[prism,random]"
     run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.batch_size", "8"], threads=1)
     run, ref = tmp_path / "repair_fast" / "seed-0", plain_run / "repair_fast" / "seed-0"
 

@@ -8,14 +8,13 @@ import torch
 from conftest import write_jsonl
 from test_features import extract
 
-from prism_lightning.config import LoraArgs, ModelArgs
+from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs, SelectionArgs
 from prism_lightning.data import PrismDataModule
-from prism_lightning.data.tokenize import mean_logprob
+from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.influence.per_example import lora_linears
-from prism_lightning.influence.projection import ProjectionArgs
 from prism_lightning.influence.scoring import direction, preference_weights
 from prism_lightning.modeling import build_model
-from prism_lightning.select import SelectionArgs, compute_scores
+from prism_lightning.select import compute_scores
 from prism_lightning.store.feature_store import FeatureStore
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import TOL
 
-from prism_lightning.influence.projection import ProjectionArgs, Projector, dense_rademacher
+from prism_lightning.config import ProjectionArgs
+from prism_lightning.influence.projection import Projector, dense_rademacher
 
 SIZES = {"layer.b": 300, "layer.a": 500}
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import TOL
 
+from prism_lightning.config import SelectionArgs
 from prism_lightning.data.formats import PairRow, SFTRow
+from prism_lightning.errors import StoreMismatchError
 from prism_lightning.influence.scoring import MODES
 from prism_lightning.influence.selection import budget, choose
-from prism_lightning.select import SelectionArgs, compute_scores, run_selection
-from prism_lightning.store.feature_store import StoreMismatchError, write_shard
+from prism_lightning.select import compute_scores, run_selection
+from prism_lightning.store.feature_store import write_shard
 
 N, M, K = 37, 9, 16
 SUBS = ["a", "b", "a", "c", "b", "a", "c", "c", "a"]
@@ -48,7 +50,7 @@ def rows():
 
 
 def direct(mode, data, per_subtask=False):
-    """The METHOD.md formulas as explicit loops over candidates and pairs."""
+    """The docs/method.md formulas as explicit loops over candidates and pairs."""
     out = torch.zeros(N, dtype=torch.float64)
     groups = sorted(set(SUBS)) if (per_subtask or mode == "less") else ["*"]
     per_group = {g: torch.zeros(N, dtype=torch.float64) for g in groups}

@@ -54,7 +54,7 @@ def _mean_loss(adapter, data) -> float:
     model = build_model(ModelArgs(), LoraArgs(r=4, alpha=8, dropout=0.0), adapter_path=adapter).eval()
     dm = PrismDataModule(pool=str(data["pool"]), target=None, eval_sft=None, eval_pairs=None, train_on="pool")
     dm.setup("fit")
-    from prism_lightning.data.tokenize import mean_logprob
+    from prism_lightning.influence.objective import mean_logprob
 
     losses = []
     with torch.no_grad():

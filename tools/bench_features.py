@@ -62,17 +62,19 @@ def build(workload: str, device: str):
 
 
 def run_case(workload: str, case: str, device: str, reps: int, proj_kind: str, dim: int) -> dict:
-    from prism_lightning.data.tokenize import mean_logprob
-    from prism_lightning.influence.extract import adam_preconditioner, gradient_features
-    from prism_lightning.influence.per_example import adam_precondition, lora_linears
-    from prism_lightning.influence.projection import ProjectionArgs, Projector
+    from prism_lightning.config import ProjectionArgs
+    from prism_lightning.influence.extract import gradient_features
+    from prism_lightning.influence.objective import mean_logprob
+    from prism_lightning.influence.per_example import lora_linears
+    from prism_lightning.influence.preconditioners import Adam, adam_precondition
+    from prism_lightning.influence.projection import Projector
 
     model, batch = build(workload, device)
     layers = lora_linears(model)
-    moments = {n: (torch.randn(m.weight.numel(), device=device) * 1e-3,
-                   torch.rand(m.weight.numel(), device=device) * 1e-6) for n, m in layers.items()}
+    moments = {n: (torch.randn(m.weight.shape, device=device) * 1e-3,
+                   torch.rand(m.weight.shape, device=device) * 1e-6) for n, m in layers.items()}
     projector = Projector(ProjectionArgs(kind=proj_kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
-    pre = adam_preconditioner(moments, 0.9, 0.999, 1e-8)
+    pre = Adam.from_moments(moments, 0.9, 0.999, 1e-8)
     opt = torch.optim.AdamW([m.weight for m in layers.values()], lr=1e-4)
     rows = batch["input_ids"].shape[0]
 
@@ -92,9 +94,9 @@ def run_case(workload: str, case: str, device: str, reps: int, proj_kind: str, d
             (-mean_logprob(logits, one["labels"])).sum().backward()
             out = projector.new_output(1, device)
             for name in sorted(layers):
-                g = layers[name].weight.grad.reshape(1, -1)
+                g = layers[name].weight.grad[None]
                 m, v = moments[name]
-                projector.add(out, name, adam_precondition(g, m, v, 0.9, 0.999, 1e-8))
+                projector.add(out, name, adam_precondition(g, m, v, 0.9, 0.999, 1e-8).reshape(1, -1))
             model.zero_grad(set_to_none=True)
             out / out.norm()
 

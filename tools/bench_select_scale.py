@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from prism_lightning.store.feature_store import atomic_write_text, write_shard
+from prism_lightning.io import atomic_write_text
+from prism_lightning.store.feature_store import write_shard
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -61,8 +62,9 @@ def write_store(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs: 
 
 
 def score(root: Path, rows: int, chunk_rows: int) -> dict:
+    from prism_lightning.config import SelectionArgs
     from prism_lightning.data.formats import PairRow
-    from prism_lightning.select import SelectionArgs, compute_scores
+    from prism_lightning.select import compute_scores
 
     targets = [PairRow(id=str(i), prompt="", chosen="a", rejected="b", subtask="t") for i in range(64)]
     start = time.perf_counter()

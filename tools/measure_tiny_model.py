@@ -23,9 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prism_lightning import DEMO_DATA, TINY_MODEL
 from prism_lightning.data.formats import load_pairs, load_sft
-from prism_lightning.data.tokenize import Encoder, mean_logprob, pad_batch
+from prism_lightning.data.tokenize import Encoder, pad_batch
 from prism_lightning.eval.generation import exact_match_by_subtask, greedy_generate, pair_choice
 from prism_lightning.eval.ranking import harm_metrics
+from prism_lightning.influence.objective import mean_logprob
 
 CARD = """---
 license: apache-2.0

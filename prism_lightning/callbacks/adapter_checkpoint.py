@@ -13,12 +13,8 @@ Layout of ``<output_dir>/<subdir>/epoch-N/`` (N = 1, 2, ...):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -26,18 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from prism_lightning import __version__
-from prism_lightning.config import to_dict
+from prism_lightning.io import atomic_folder, file_sha256
 from prism_lightning.modeling import trainable_named_parameters
 from prism_lightning.sharding import full_tensor, gather_trainable
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
@@ -53,23 +40,6 @@ def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, tor
                 for key in ("exp_avg", "exp_avg_sq"):
                     out[f"{names[p]}.{key}"] = full_tensor(state[key].detach()).float().cpu().contiguous()
     return out
-
-
-@contextmanager
-def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` in one rename."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 def save_trainable(model, weights: dict[str, torch.Tensor], folder: Path) -> Path:
@@ -125,7 +95,7 @@ class ReferenceCheckpoint(L.Callback):
         opt = trainer.optimizers[0]
         info = {"epoch": epoch, "lr_mean": self._lr_sum / max(1, self._lr_steps),
                 "epoch_steps": self._lr_steps, "global_step": trainer.global_step,
-                "model": to_dict(pl_module.model_args), "lora": to_dict(pl_module.lora_args),
+                "model": asdict(pl_module.model_args), "lora": asdict(pl_module.lora_args),
                 "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
         folder = Path(pl_module.output_dir) / self.subdir / f"epoch-{epoch}"
         save_reference_checkpoint(pl_module, opt, folder, info, write=trainer.is_global_zero)

@@ -2,101 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader
 
 from prism_lightning import DEMO_DATA
+from prism_lightning.config import Columns, ModelArgs
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
-from prism_lightning.data.formats import Columns, DataFormatError, PairRow, SFTRow, load_pairs, load_sft
+from prism_lightning.data.formats import PairRow, SFTRow, load_pairs, load_sft
+from prism_lightning.data.samplers import GlobalBatchSampler, ShardBatches
 from prism_lightning.data.tokenize import Encoder
-from prism_lightning.select import SelectionArgs
-
-
-@dataclass
-class PredictTask:
-    """One pass of the predict loop: ``split`` (``pool``/``target``) rows of the shards to compute."""
-
-    tag: str
-    split: str
-    shards: list[int] = field(default_factory=list)
-
-
-def shard_rows(shard: int, shard_size: int, n_rows: int) -> range:
-    """Row indices of shard ``shard``: ``[shard * size, min((shard + 1) * size, n))``."""
-    return range(shard * shard_size, min((shard + 1) * shard_size, n_rows))
-
-
-def num_shards(n_rows: int, shard_size: int) -> int:
-    return (n_rows + shard_size - 1) // shard_size
-
-
-class GlobalBatchSampler(DistributedSampler):
-    """Training order that does not depend on the process count: each global batch split over ranks.
-
-    Epoch e visits the rows in a permutation seeded by ``seed + e`` (pool order without
-    ``shuffle``). Global batch j is rows ``[j G, (j + 1) G)`` of it, ``G = batch_size x replicas``,
-    and rank r takes its r-th slice of ``batch_size`` rows; so W processes with batch B train on
-    exactly the batches one process with batch W B sees. A short last global batch is padded to a
-    multiple of W with rows from the start of the epoch's order (as ``DistributedSampler`` pads).
-    Being a ``DistributedSampler``, Lightning keeps it (and calls ``set_epoch``) instead of
-    injecting its own, which would reshuffle with another seed.
-    """
-
-    def __init__(self, n_rows: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, seed: int = 0):
-        super().__init__(range(n_rows), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.n_rows, self.batch_size = n_rows, batch_size
-
-    def _chunks(self):
-        order = (torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-                 if self.shuffle else torch.arange(self.n_rows)).tolist()
-        world = self.num_replicas
-        for start in range(0, self.n_rows, self.batch_size * world):
-            chunk = order[start:start + self.batch_size * world]
-            chunk += (order * world)[:-len(chunk) % world]  # pad to a multiple of the world size
-            per = len(chunk) // world
-            yield chunk[self.rank * per:(self.rank + 1) * per]
-
-    def __iter__(self):
-        for chunk in self._chunks():
-            yield from chunk
-
-    def __len__(self) -> int:
-        """Rows per rank: ``batch_size`` per full global batch, ``ceil(rest / W)`` for a short last one."""
-        full, rest = divmod(self.n_rows, self.batch_size * self.num_replicas)
-        return full * self.batch_size + -(-rest // self.num_replicas)
-
-
-class ShardBatches(IterableDataset):
-    """Collated batches of the given shards' rows, in row order, never crossing a shard.
-
-    Used for prediction so that each rank computes a disjoint set of whole shards with no
-    padding rows (unlike ``DistributedSampler``) and results do not depend on the process count.
-    """
-
-    def __init__(self, dataset, collate, shards: list[int], shard_size: int, batch_size: int):
-        self.dataset, self.collate, self.shards = dataset, collate, shards
-        self.shard_size, self.batch_size = shard_size, batch_size
-
-    def _batches(self):
-        for s in self.shards:
-            rows = shard_rows(s, self.shard_size, len(self.dataset))
-            for start in range(rows.start, rows.stop, self.batch_size):
-                yield list(range(start, min(start + self.batch_size, rows.stop)))
-
-    # No __len__ on purpose: Lightning would all-reduce every loader's length across ranks, and
-    # ranks may hold different numbers of batches.
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        for b, idx in enumerate(self._batches()):
-            if info is None or b % info.num_workers == info.id:
-                yield self.collate([self.dataset[i] for i in idx])
+from prism_lightning.errors import DataFormatError
+from prism_lightning.modeling import load_tokenizer
+from prism_lightning.store.feature_store import PredictTask, num_shards
 
 
 class PrismDataModule(L.LightningDataModule):
@@ -109,15 +32,22 @@ class PrismDataModule(L.LightningDataModule):
         eval_pairs: held-out preference pairs for validation/test (preference accuracy).
         tokenizer: tokenizer path or hub id (linked to ``model.model.name_or_path`` by the CLI).
         train_on: ``warmup`` (seeded ``warmup_fraction`` of the pool), ``pool`` (all of it)
-            or ``selection`` (the rows a selection keeps; see the ``select`` stage).
+            or ``selection`` (the rows of ``selection_file``, written by the ``select`` stage).
+        warmup_fraction: share of the pool the warmup trains on (``train_on: warmup``).
+        seed: seed of the warmup subset and of the training order.
         max_length / truncation: token budget per row; ``left`` cuts the prompt, ``error`` refuses.
         batch_size: training rows per step and rank (global batch = batch_size x devices x
             num_nodes x accumulate_grad_batches).
         shuffle: reshuffle the training rows each epoch (seeded; ``false`` keeps pool order).
+        eval_batch_size: rows per evaluation and feature-extraction batch.
+        num_workers: DataLoader worker processes.
         shard_size: rows per feature-store shard (prediction splits work by whole shards).
-        selection_file: rows to train on with ``train_on: selection`` (a ``selected.jsonl``); or
-        selection_dir / selection_mode: use ``<selection_dir>/<mode>/selected.jsonl``, computed on
-            rank 0 from ``features_dir`` with ``selection`` settings when missing.
+        selection_file: rows to train on with ``train_on: selection``: a ``selected.jsonl`` written by
+            ``python -m prism_lightning select`` (``<output_dir>/selection/<mode>/selected.jsonl``),
+            or a ``.txt`` file of ids, one per line.
+
+    ``set_train_rows(indices)`` replaces the training rows; a callback can call it between epochs
+    (with ``trainer.reload_dataloaders_every_n_epochs: 1`` so the next epoch's loader is rebuilt).
     """
 
     def __init__(self, pool: str = f"{DEMO_DATA}/pool.jsonl",
@@ -125,12 +55,10 @@ class PrismDataModule(L.LightningDataModule):
                  eval_sft: str | None = f"{DEMO_DATA}/eval.jsonl",
                  eval_pairs: str | None = f"{DEMO_DATA}/eval_pairs.jsonl",
                  tokenizer: str | None = None, columns: Columns | None = None,
-                 train_on: str = "warmup", warmup_fraction: float = 0.05, seed: int = 0,
-                 max_length: int = 256, truncation: str = "left", batch_size: int = 8,
-                 eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
-                 selection_file: str | None = None, selection_dir: str | None = None,
-                 selection_mode: str = "prism", features_dir: str | None = None,
-                 selection: SelectionArgs | None = None, shuffle: bool = True):
+                 train_on: Literal["warmup", "pool", "selection"] = "warmup", warmup_fraction: float = 0.05,
+                 seed: int = 0, max_length: int = 256, truncation: Literal["left", "error"] = "left",
+                 batch_size: int = 8, eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
+                 selection_file: str | None = None, shuffle: bool = True):
         super().__init__()
         if train_on not in ("warmup", "pool", "selection"):
             raise ValueError(f"data.train_on={train_on!r} must be 'warmup', 'pool' or 'selection'")
@@ -138,8 +66,8 @@ class PrismDataModule(L.LightningDataModule):
             raise ValueError(f"data.warmup_fraction={warmup_fraction} must be in (0, 1]")
         self.save_hyperparameters()
         self.cols = Columns(**columns) if isinstance(columns, dict) else (columns or Columns())
-        self.selection_args = SelectionArgs(**selection) if isinstance(selection, dict) else selection
         self.predict_plan: list[PredictTask] | None = None
+        self.train_rows: list[int] | None = None
         self._tokenizer = None
         self._ready = False
 
@@ -147,9 +75,6 @@ class PrismDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from prism_lightning.config import ModelArgs
-            from prism_lightning.modeling import load_tokenizer
-
             name = self.hparams.tokenizer
             module = self.trainer.lightning_module if self.trainer is not None else None
             if name is None and getattr(module, "model_args", None) is not None:
@@ -190,31 +115,15 @@ class PrismDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
-        if stage == "fit" and self.hparams.train_on == "selection":
-            self.ensure_selection()
 
     def selection_path(self) -> Path:
-        hp = self.hparams
-        if hp.selection_file:
-            return Path(hp.selection_file)
-        if hp.selection_dir:
-            return Path(hp.selection_dir) / hp.selection_mode / "selected.jsonl"
-        raise DataFormatError("data.train_on=selection needs data.selection_file or data.selection_dir (written "
-                              "by `prism_lightning select`)")
-
-    def ensure_selection(self) -> Path:
-        """The selection file; computed on rank 0 (others wait at a barrier) when it is missing."""
-        path, hp = self.selection_path(), self.hparams
-        trainer = self.trainer
-        if not path.exists() and hp.features_dir and (trainer is None or trainer.is_global_zero):
-            from prism_lightning.select import run_selection
-
-            run_selection(hp.features_dir, Path(path).parent.parent, [hp.selection_mode],
-                          self.selection_args or SelectionArgs(), self.pool_rows, self.target_rows)
-        if trainer is not None:
-            trainer.strategy.barrier("selection")
+        if not self.hparams.selection_file:
+            raise DataFormatError("data.train_on=selection needs data.selection_file: the selected.jsonl written by "
+                                  "`python -m prism_lightning select` (<output_dir>/selection/<mode>/selected.jsonl)")
+        path = Path(self.hparams.selection_file)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no selection; run `prism_lightning select` or set data.features_dir")
+            raise FileNotFoundError(f"{path}: no selection file; run `python -m prism_lightning select` first "
+                                    "or fix data.selection_file")
         return path
 
     # ----- row subsets ---------------------------------------------------------------------
@@ -238,7 +147,18 @@ class PrismDataModule(L.LightningDataModule):
             raise DataFormatError(f"{path}: the selection is empty")
         return sorted(by_id[i] for i in ids)
 
+    def set_train_rows(self, indices: list[int]) -> None:
+        """Train on these pool rows from the next training loader on (e.g. set by a callback between epochs)."""
+        n = len(self.pool_rows)
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad or not indices:
+            raise ValueError(f"set_train_rows: {len(bad)} indices outside the pool of {n} rows (first: "
+                             f"{bad[:1]})" if bad else "set_train_rows: no rows")
+        self.train_rows = sorted(indices)
+
     def train_indices(self) -> list[int]:
+        if self.train_rows is not None:
+            return self.train_rows
         mode = self.hparams.train_on
         if mode == "warmup":
             return self.warmup_indices()
@@ -294,8 +214,6 @@ class PrismDataModule(L.LightningDataModule):
 
     def fingerprint(self, split: str) -> str:
         """sha256 of a split's token ids and prompt lengths (changes with data, tokenizer or truncation)."""
-        import hashlib
-
         self.load()
         h = hashlib.sha256()
         groups = [self.pool_encoded] if split == "pool" else list(self.target_encoded)

@@ -19,25 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataFormatError(ValueError):
-    """Bad input data; the message names the file, the row and the field, and how to fix it."""
-
-
-@dataclass
-class Columns:
-    """Column names in the user's files (rename here instead of editing the data)."""
-
-    id: str = "id"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
-    text: str = "text"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    subtask: str = "subtask"
-    label: str = "harmful"
-
+from prism_lightning.config import Columns
+from prism_lightning.errors import DataFormatError
 
 DEFAULT_COLUMNS = Columns()
 

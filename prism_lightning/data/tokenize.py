@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_lightning.data.formats import DataFormatError
-
-IGNORE = -100
+from prism_lightning.errors import DataFormatError
+from prism_lightning.influence.objective import IGNORE
 
 
 @dataclass
@@ -86,23 +85,3 @@ def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, s.prompt_len:n] = ids[b, s.prompt_len:n]
         mask[b, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: ``sum_t log p(y_t | x, y_<t)`` over response tokens, and their count.
-
-    ``logits`` [B, T, V] predict the next token; ``labels`` [B, T] carry ``-100`` off the response.
-    The length-normalised log-likelihood is ``lbar = sum / count``; the loss is ``-lbar``.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE
-    safe = shift_labels.clamp_min(0)
-    logp = torch.log_softmax(shift_logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
-
-
-def mean_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``lbar`` per row: the token-mean log-likelihood of the response."""
-    total, count = sequence_logprob(logits, labels)
-    return total / count.clamp_min(1)

@@ -10,7 +10,7 @@ layers record ``x`` (forward) and ``dL/dy`` (backward) and the B separate gradie
 single backward pass. Padding tokens get zero ``dL/dy`` (they carry no loss and, with right
 padding and a causal mask, influence no real token), so they never leak into a gradient.
 
-The gradients are handed to ``consume(name, grads[B, out*in])`` module by module as the
+The gradients are handed to ``consume(name, grads[B, out, in])`` module by module as the
 backward pass reaches them, so peak memory is B x (largest module), not B x P.
 """
 
@@ -49,7 +49,7 @@ class PerExampleGradients:
             per_row_loss = ...          # [B], each row's own loss
             per_row_loss.sum().backward()
 
-    ``consume(name, g)`` receives ``g`` [B, out * in] in fp32 (row-major like ``W.flatten()``).
+    ``consume(name, g)`` receives ``g`` [B, out, in] in fp32 (each row shaped like the weight).
     """
 
     def __init__(self, layers: dict[str, nn.Linear], consume: Callable[[str, torch.Tensor], None]):
@@ -67,8 +67,7 @@ class PerExampleGradients:
                 x = self._inputs.pop(name, None)
                 if x is None:  # recomputation pass of activation checkpointing: already consumed
                     return
-                g = torch.einsum("bto,bti->boi", grad_out.float(), x.float())
-                self.consume(name, g.reshape(g.shape[0], -1))
+                self.consume(name, torch.einsum("bto,bti->boi", grad_out.float(), x.float()))
 
             output.register_hook(on_grad)
         return hook
@@ -83,18 +82,3 @@ class PerExampleGradients:
             h.remove()
         self._handles.clear()
         self._inputs.clear()
-
-
-def adam_precondition(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                      beta1: float, beta2: float, eps: float, momentum: bool = True) -> torch.Tensor:
-    """Adam's update direction for one more step on ``grad`` (as in LESS), or its per-coordinate scaling.
-
-    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``Gamma(g) = m' / (sqrt(v') + eps)``;
-    ``grad`` [B, P], moments [P] broadcast over rows. With ``momentum=False``,
-    ``Gamma(g) = g / (sqrt(v') + eps)``: the same per-coordinate scaling without the term ``b1 m``,
-    which is the same for every candidate and, after a warmup, can outweigh the per-example part
-    (``docs`` of the preconditioner study).
-    """
-    v = beta2 * exp_avg_sq + (1 - beta2) * grad.square()
-    m = beta1 * exp_avg + (1 - beta1) * grad if momentum else grad
-    return m / (v.sqrt() + eps)

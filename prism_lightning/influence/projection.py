@@ -17,21 +17,11 @@ Generated blocks are cached up to ``cache_mb`` megabytes, beyond that regenerate
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-
-@dataclass
-class ProjectionArgs:
-    """``kind``: none | rademacher | sjlt; ``dim``: k; ``sjlt_s``: nonzeros per input coordinate."""
-
-    kind: str = "sjlt"
-    dim: int = 8192
-    seed: int = 0
-    sjlt_s: int = 1
-    block_rows: int = 4096
-    cache_mb: int = 512
+from prism_lightning.config import ProjectionArgs
 
 
 def projection_identity(args: ProjectionArgs) -> dict:

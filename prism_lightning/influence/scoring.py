@@ -1,12 +1,13 @@
 """PRISM scoring: preference weights, target directions for every mode, streamed scores.
 
-Notation (METHOD.md): per checkpoint i, candidate features ``f(z) = Gamma_i(g(z))`` [n, k], target
+Notation (docs/method.md): per checkpoint i, candidate features ``f(z) = Gamma_i(g(z))`` [n, k], target
 features ``C_q = g(q, y+)``, ``R_q = g(q, y-)`` [m, k] and length-normalised log-likelihoods
 ``lbar+_q``, ``lbar-_q``. Scores are ``s_i(z) = <f(z), d_i>`` for a target direction ``d_i`` and
 ``s(z) = sum_i lr_i s_i(z)`` with ``lr_i`` the mean learning rate of warmup epoch i.
 ``s(z) > 0``: training on z raises the target margin (helpful); ``s(z) < 0``: harmful.
 
-Modes (one scoring function, columns of one direction matrix):
+Modes are the rows of ``MODES`` (one scoring function; each gradient mode is columns of one
+direction matrix, so every store is read once for all modes):
 
 - ``prism``: ``d = (1/m) sum_q pi_q (C_q - R_q)``, ``pi_q = sigmoid(lbar+_q - lbar-_q)``.
 - ``prism_uniform``: ``d = (1/m) sum_q (C_q - R_q)`` (ablation: no preference weights).
@@ -18,18 +19,18 @@ Modes (one scoring function, columns of one direction matrix):
   normalising the two means separately.
 - ``random``: seeded standard-normal scores; ``loss``: ``-sum_i lr_i loss_i(z)`` (no gradients).
 
-With ``per_subtask=True`` the gradient modes build one direction per target subtask and take the
-max over subtasks after the checkpoint sum, like ``less``.
+With ``per_subtask=True`` every gradient mode builds one direction per target subtask and takes
+the max over subtasks after the checkpoint sum, like ``less``. Adding a mode is one row of
+``MODES`` plus its test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
-
-GRADIENT_MODES = ("prism", "prism_uniform", "prism_no_anchor", "less", "ifguide")
-MODES = GRADIENT_MODES + ("random", "loss")
 
 
 def preference_weights(lbar_chosen: torch.Tensor, lbar_rejected: torch.Tensor) -> torch.Tensor:
@@ -41,19 +42,62 @@ def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
 
 
+def combine(per_checkpoint: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
+    """``s = sum_i lr_i s_i`` over checkpoints (lr_i: the epoch's mean learning rate)."""
+    return sum(lr * s for lr, s in zip(lrs, per_checkpoint))
+
+
+def random_scores(n: int, seed: int) -> torch.Tensor:
+    """Seeded N(0, 1) scores (the ``random`` baseline)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Inputs(NamedTuple):
+    """What a mode without gradients scores from: pool size, seed, per-checkpoint losses and lrs."""
+
+    rows: int
+    seed: int
+    lrs: list[float]
+    losses: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One scoring mode (a row of ``MODES``).
+
+    direction: ``(chosen [m, k], rejected [m, k], pi [m]) -> d [k]`` for a gradient mode.
+    per_subtask: always one direction per target subtask, max over subtasks after the checkpoint sum.
+    cosine: divide each candidate's dot product by its feature norm (cosine similarity).
+    scores: ``Inputs -> [n]`` for a mode without gradients.
+    needs_loss: reads the per-row losses of the pool stores.
+    """
+
+    name: str
+    direction: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    per_subtask: bool = False
+    cosine: bool = False
+    scores: Callable[[Inputs], torch.Tensor] | None = None
+    needs_loss: bool = False
+
+
+MODES: dict[str, Mode] = {m.name: m for m in [
+    Mode("prism", direction=lambda c, r, pi: (pi[:, None] * (c - r)).mean(0)),
+    Mode("prism_uniform", direction=lambda c, r, pi: (c - r).mean(0)),
+    Mode("prism_no_anchor", direction=lambda c, r, pi: (pi[:, None] * c).mean(0)),
+    Mode("less", direction=lambda c, r, pi: _unit(c).mean(0), per_subtask=True, cosine=True),
+    Mode("ifguide", direction=lambda c, r, pi: _unit(c.mean(0)) - _unit(r.mean(0))),
+    Mode("random", scores=lambda x: random_scores(x.rows, x.seed)),
+    Mode("loss", scores=lambda x: -combine(x.losses, x.lrs), needs_loss=True),
+]}
+GRADIENT_MODES = tuple(name for name, m in MODES.items() if m.direction is not None)
+ModeName = Literal[tuple(MODES)]  # config values, derived from the table
+
+
 def direction(mode: str, chosen: torch.Tensor, rejected: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """The target direction [k] of one gradient mode from one group of pairs (see module doc)."""
-    if mode == "prism":
-        return (pi[:, None] * (chosen - rejected)).mean(0)
-    if mode == "prism_uniform":
-        return (chosen - rejected).mean(0)
-    if mode == "prism_no_anchor":
-        return (pi[:, None] * chosen).mean(0)
-    if mode == "less":
-        return _unit(chosen).mean(0)
-    if mode == "ifguide":
-        return _unit(chosen.mean(0)) - _unit(rejected.mean(0))
-    raise ValueError(f"mode {mode!r} has no gradient direction; modes: {MODES}")
+    if mode not in GRADIENT_MODES:
+        raise ValueError(f"mode {mode!r} has no gradient direction; gradient modes: {GRADIENT_MODES}")
+    return MODES[mode].direction(chosen, rejected, pi)
 
 
 def subtask_groups(subtasks: list[str], per_subtask: bool) -> dict[str, list[int]]:
@@ -68,15 +112,15 @@ def subtask_groups(subtasks: list[str], per_subtask: bool) -> dict[str, list[int
 
 def direction_matrix(modes: Iterable[str], chosen: torch.Tensor, rejected: torch.Tensor, pi: torch.Tensor,
                      subtasks: list[str], per_subtask: bool) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """All modes' directions as columns [k, D] and the (mode, group) of each column.
+    """All gradient modes' directions as columns [k, D] and the (mode, group) of each column.
 
-    ``less`` is always per subtask (its definition); other modes only when ``per_subtask``.
+    A mode with ``Mode.per_subtask`` (``less``) is always per subtask; the others when ``per_subtask``.
     """
     cols, keys = [], []
     for mode in modes:
         if mode not in GRADIENT_MODES:
             continue
-        for group, rows in subtask_groups(subtasks, per_subtask or mode == "less").items():
+        for group, rows in subtask_groups(subtasks, per_subtask or MODES[mode].per_subtask).items():
             idx = torch.tensor(rows)
             cols.append(direction(mode, chosen[idx].double(), rejected[idx].double(), pi[idx].double()))
             keys.append((mode, group))
@@ -95,9 +139,13 @@ def stream_dot(chunks: Iterable[torch.Tensor], matrix: torch.Tensor) -> tuple[to
     return torch.cat(dots), torch.cat(norms)
 
 
-def combine(per_checkpoint: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
-    """``s = sum_i lr_i s_i`` over checkpoints (lr_i: the epoch's mean learning rate)."""
-    return sum(lr * s for lr, s in zip(lrs, per_checkpoint))
+def checkpoint_scores(chunks: Iterable[torch.Tensor], matrix: torch.Tensor,
+                      keys: list[tuple[str, str]]) -> torch.Tensor:
+    """One checkpoint's dot products [n, D] with every direction column; cosine modes divide by ``||f||``."""
+    dots, norms = stream_dot(chunks, matrix)
+    cos = [j for j, (m, _) in enumerate(keys) if MODES[m].cosine]
+    dots[:, cos] /= norms.clamp_min(1e-12)[:, None]
+    return dots
 
 
 def reduce_groups(scores: torch.Tensor, keys: list[tuple[str, str]], modes: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -108,8 +156,3 @@ def reduce_groups(scores: torch.Tensor, keys: list[tuple[str, str]], modes: Iter
         if cols:
             out[mode] = scores[:, cols].max(dim=1).values
     return out
-
-
-def random_scores(n: int, seed: int) -> torch.Tensor:
-    """Seeded N(0, 1) scores (the ``random`` baseline)."""
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

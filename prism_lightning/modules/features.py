@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from safetensors.torch import load_file
 
 from prism_lightning import __version__
-from prism_lightning.config import LoraArgs, ModelArgs
-from prism_lightning.data.datamodule import PredictTask, num_shards
-from prism_lightning.influence.extract import adam_preconditioner, gradient_features
+from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
+from prism_lightning.influence.extract import gradient_features
 from prism_lightning.influence.per_example import lora_linears
-from prism_lightning.influence.projection import ProjectionArgs, Projector, projection_identity
+from prism_lightning.influence.preconditioners import Preconditioner, PreconditionerName, make_preconditioner
+from prism_lightning.influence.projection import Projector, projection_identity
+from prism_lightning.io import atomic_write_text
 from prism_lightning.modeling import build_model, torch_dtype
-from prism_lightning.store.feature_store import (
-    FORMAT_VERSION,
-    atomic_write_text,
-    check_settings,
-    complete_shards,
-)
+from prism_lightning.store.feature_store import FORMAT_VERSION, PredictTask, check_settings, complete_shards, num_shards
 from prism_lightning.store.writer import FeatureStoreWriter
-
-PRECONDITIONERS = ("adam", "adam_no_momentum", "sgd", "identity")
 
 
 def find_checkpoints(checkpoint_dir: str | Path, epochs: list[int] | None = None) -> list[tuple[int, Path, dict]]:
@@ -58,23 +53,23 @@ class GradientFeatureModule(L.LightningModule):
         checkpoint_dir: the warmup folder holding ``epoch-N/`` checkpoints.
         output_dir: run root; stores go to ``<output_dir>/features/epoch-N/<split>/``.
         epochs: which checkpoints (default: all).
-        pool_preconditioner / target_preconditioner: ``adam`` | ``adam_no_momentum`` | ``sgd`` | ``identity``.
-            ``adam``: Adam's next update ``m' / (sqrt(v') + eps)`` (LESS); ``adam_no_momentum``:
-            ``g / (sqrt(v') + eps)``; ``sgd`` and ``identity`` both keep the plain gradient (``sgd``
-            names LESS's target features, ``identity`` the raw-gradient, TracIn-like setting).
+        pool_preconditioner / target_preconditioner: a registered preconditioner
+            (``influence.preconditioners``): ``adam``, Adam's next update ``m' / (sqrt(v') + eps)``
+            (LESS); ``adam_no_momentum``, ``g / (sqrt(v') + eps)`` (default for the pool, see
+            docs/evidence.md); ``sgd`` and ``identity`` both keep the plain gradient (``sgd`` names
+            LESS's target features, ``identity`` the raw-gradient, TracIn-like setting).
         normalize: L2-normalise each feature (LESS's cosine similarity).
         store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
     """
 
     def __init__(self, model: ModelArgs | None = None, checkpoint_dir: str = "runs/tiny/warmup",
                  output_dir: str = "runs/tiny", epochs: list[int] | None = None,
-                 projection: ProjectionArgs | None = None, pool_preconditioner: str = "adam_no_momentum",
-                 target_preconditioner: str = "sgd", normalize: bool = True, store_dtype: str = "float32",
-                 splits: list[str] | None = None):
+                 projection: ProjectionArgs | None = None,
+                 pool_preconditioner: PreconditionerName = "adam_no_momentum",
+                 target_preconditioner: PreconditionerName = "sgd", normalize: bool = True,
+                 store_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 splits: list[Literal["pool", "target"]] | None = None):
         super().__init__()
-        for p in (pool_preconditioner, target_preconditioner):
-            if p not in PRECONDITIONERS:
-                raise ValueError(f"preconditioner {p!r} must be one of {PRECONDITIONERS}")
         self.model_args, self.projection = model or ModelArgs(), projection or ProjectionArgs()
         self.checkpoint_dir, self.output_dir, self.epochs = checkpoint_dir, output_dir, epochs
         self.preconditioner = {"pool": pool_preconditioner, "target": target_preconditioner}
@@ -161,10 +156,9 @@ class GradientFeatureModule(L.LightningModule):
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
         self.layers = lora_linears(self.model)
-        self.param_names = {n: f"{n}.weight" for n in self.layers}
 
     def activate(self, tag: str) -> None:
-        """Load checkpoint ``tag``'s adapter weights and Adam moments (once per pass)."""
+        """Load checkpoint ``tag``'s adapter weights and each split's preconditioner state (once per pass)."""
         if self._active == tag:
             return
         from peft import set_peft_model_state_dict
@@ -172,32 +166,24 @@ class GradientFeatureModule(L.LightningModule):
         _, folder, info = self.checkpoints[tag]
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
                                                          device=str(self.device)))
-        self.moments = {}
-        opt_path = folder / "optimizer.safetensors"
-        if any(p.startswith("adam") for p in self.preconditioner.values()):
-            if not opt_path.exists():
-                raise FileNotFoundError(f"{folder}: no optimizer.safetensors for adam preconditioning")
-            state = load_file(str(opt_path), device=str(self.device))
-            for layer, pname in self.param_names.items():
-                if f"{pname}.exp_avg" not in state:
-                    raise KeyError(f"{opt_path}: no moments for {pname}; was it saved by another model?")
-                self.moments[layer] = (state[f"{pname}.exp_avg"].flatten(), state[f"{pname}.exp_avg_sq"].flatten())
-            self.adam = (info["betas"][0], info["betas"][1], info["eps"])
+        self.preconditioners: dict[str, Preconditioner] = {}
+        for split, name in self.preconditioner.items():
+            self.preconditioners[split] = make_preconditioner(name, self.device)
+            self.preconditioners[split].load(folder, info)
         self.projector = Projector(self.projection, {n: m.weight.numel() for n, m in self.layers.items()})
         self._active = tag
 
     # ----- features ------------------------------------------------------------------------
-    def gradient_features(self, batch: dict, preconditioner: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, k] in ``store_dtype`` on CPU, lbar [B]) of a batch."""
-        pre = (adam_preconditioner(self.moments, *self.adam, momentum=preconditioner == "adam")
-               if preconditioner.startswith("adam") else None)
-        feats, lbar = gradient_features(self.model, self.layers, batch, self.projector, pre, self.normalize)
+    def gradient_features(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, k] in ``store_dtype`` on CPU, lbar [B]) of a batch of ``split``."""
+        feats, lbar = gradient_features(self.model, self.layers, batch, self.projector, self.preconditioners[split],
+                                        self.normalize)
         return feats.to(torch_dtype(self.store_dtype)).cpu(), lbar.cpu()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         task = self.plan[dataloader_idx]
         self.activate(task.tag)
-        feats, lbar = self.gradient_features(batch, self.preconditioner[task.split])
+        feats, lbar = self.gradient_features(batch, task.split)
         result = {"tag": task.tag, "split": task.split, "index": batch["index"].cpu()}
         if task.split == "pool":
             result.update(features=feats, loss=-lbar)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_lightning.callbacks.adapter_checkpoint import atomic_folder, save_trainable
+from prism_lightning.callbacks.adapter_checkpoint import save_trainable
+from prism_lightning.io import atomic_folder
 from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
 from prism_lightning.sharding import gather_trainable
@@ -17,6 +18,11 @@ class FinetuneModule(SFTModule):
     ``<output_dir>/<run_name>/adapter/`` and, with ``save_merged``, LoRA merged into the base under
     ``<output_dir>/<run_name>/merged/`` (Hugging Face format, loadable with ``from_pretrained``;
     merged on rank 0's CPU into the unquantized base, also after a QLoRA or FSDP run).
+
+    Args:
+        run_name: sub-folder of ``output_dir`` for the adapter, merged model and metrics.
+        save_merged: also save the base with the adapter merged in.
+        generate_eval: greedy generation on held-out rows and pairs (on by default here).
     """
 
     def __init__(self, *args, run_name: str = "finetune", save_merged: bool = False,

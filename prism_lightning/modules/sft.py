@@ -9,12 +9,13 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs, plain
-from prism_lightning.data.tokenize import mean_logprob
+from prism_lightning.config import FSDPArgs, LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.eval import metrics as M
+from prism_lightning.eval.generation import extract_answer, greedy_generate, pair_choice
+from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.io import atomic_write_text
 from prism_lightning.modeling import build_model, trainable_named_parameters
-from prism_lightning.sharding import FSDPArgs, shard_model
-from prism_lightning.store.feature_store import atomic_write_text
+from prism_lightning.sharding import shard_model
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float):
@@ -44,6 +45,17 @@ class SFTModule(L.LightningModule):
     it is sharded there with ``fsdp`` settings (``prism_lightning.sharding``); activation
     checkpointing is ``model.gradient_checkpointing``. Lightning checkpoints hold only the
     trainable parameters and their optimizer state (the base stays on disk).
+
+    Args:
+        model: which causal LM to load and how.
+        lora: LoRA adapter settings (``lora.enabled: false`` trains every parameter).
+        optim: AdamW and its learning-rate schedule.
+        output_dir: Where reference checkpoints, adapters and metrics are written (the run root).
+        adapter_path: start from this saved adapter instead of a fresh one.
+        generate_eval: greedy generation on held-out rows and pairs (exact match, wanted/unwanted).
+        max_new_tokens: generation budget per held-out prompt.
+        answer_pattern: regex whose first group is the answer compared by exact match (default: the text).
+        fsdp: sharding settings used under the ``fsdp2`` strategy.
     """
 
     stage_dir = "sft"
@@ -104,8 +116,6 @@ class SFTModule(L.LightningModule):
             self._update(M.PREF_ACC, (margin > 0).float(), subs)
             self._update(M.PREF_MARGIN, margin, subs)
             if self.generate_eval:
-                from prism_lightning.eval.generation import greedy_generate, pair_choice
-
                 gens = greedy_generate(self.model, dm.tokenizer, [p.prompt for p in pairs], self.max_new_tokens)
                 picks = [pair_choice(g, p.chosen, p.rejected) for g, p in zip(gens, pairs)]
                 for metric, side in ((M.WANTED, "chosen"), (M.UNWANTED, "rejected")):
@@ -115,8 +125,6 @@ class SFTModule(L.LightningModule):
         subs = [r.subtask for r in rows]
         self._update(M.LOSS, self.row_loss(batch), subs)
         if self.generate_eval:
-            from prism_lightning.eval.generation import extract_answer, greedy_generate
-
             preds = greedy_generate(self.model, dm.tokenizer, [r.prompt for r in rows], self.max_new_tokens)
             hits = [float(extract_answer(p, self.answer_pattern) == extract_answer(r.completion, self.answer_pattern))
                     for p, r in zip(preds, rows)]

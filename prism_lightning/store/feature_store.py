@@ -16,13 +16,16 @@ once every shard exists, ``complete: true``. Readable with ``safetensors`` and `
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from prism_lightning.errors import StoreMismatchError
+from prism_lightning.io import atomic_file
 
 FORMAT_VERSION = 1
 # Settings that must agree for shards to be reused or scored together.
@@ -30,37 +33,33 @@ IDENTITY_KEYS = ("format", "split", "model", "adapter_sha256", "dataset_fingerpr
                  "preconditioner", "normalize", "dtype", "shard_size", "rows")
 
 
-class StoreMismatchError(ValueError):
-    """A store on disk was made with other settings than the ones in use."""
+def shard_rows(shard: int, shard_size: int, n_rows: int) -> range:
+    """Row indices of shard ``shard``: ``[shard * size, min((shard + 1) * size, n))``."""
+    return range(shard * shard_size, min((shard + 1) * shard_size, n_rows))
 
 
-def json_digest(obj) -> str:
-    """sha256 of an object's canonical JSON (sorted keys; non-JSON values as strings)."""
-    import hashlib
+def num_shards(n_rows: int, shard_size: int) -> int:
+    return (n_rows + shard_size - 1) // shard_size
 
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+@dataclass
+class PredictTask:
+    """One pass of the feature stage: the shards of ``split`` (``pool``/``target``) to compute at checkpoint ``tag``."""
+
+    tag: str
+    split: str
+    shards: list[int] = field(default_factory=list)
 
 
 def shard_path(folder: str | Path, shard: int) -> Path:
     return Path(folder) / f"shard-{shard:05d}.safetensors"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_shard(folder: str | Path, shard: int, tensors: dict[str, torch.Tensor]) -> Path:
-    """Save one shard atomically (temporary file, then rename)."""
+    """Save one shard atomically (``io.atomic_file``)."""
     path = shard_path(folder, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return path
 
 

@@ -8,8 +8,8 @@ from collections import defaultdict
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from prism_lightning.data.datamodule import shard_rows
-from prism_lightning.store.feature_store import atomic_write_text, complete_shards, write_shard
+from prism_lightning.io import atomic_write_text
+from prism_lightning.store.feature_store import complete_shards, shard_rows, write_shard
 
 
 class FeatureStoreWriter(BasePredictionWriter):

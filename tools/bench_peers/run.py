@@ -94,7 +94,7 @@ def build(workload: str, device: str = "cpu"):
 
 def row_losses(model, batch: dict) -> torch.Tensor:
     """``-lbar`` per row [B]."""
-    from prism_lightning.data.tokenize import mean_logprob
+    from prism_lightning.influence.objective import mean_logprob
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return -mean_logprob(logits, batch["labels"])
@@ -125,12 +125,12 @@ class Rows(torch.utils.data.Dataset):
 
 
 def adam_moments(layers: dict) -> dict:
-    """Seeded stand-in Adam moments (m ~ 1e-3 N(0,1), v ~ 1e-6 U(0,1)) per LoRA layer, on the layers' device."""
+    """Seeded stand-in Adam moments (m ~ 1e-3 N(0,1), v ~ 1e-6 U(0,1)) per LoRA layer, weight-shaped, on its device."""
     gen = torch.Generator().manual_seed(4)
     out = {}
     for n, m in sorted(layers.items()):
-        size, dev = m.weight.numel(), m.weight.device
-        out[n] = (torch.randn(size, generator=gen).to(dev) * 1e-3, torch.rand(size, generator=gen).to(dev) * 1e-6)
+        shape, dev = m.weight.shape, m.weight.device
+        out[n] = (torch.randn(shape, generator=gen).to(dev) * 1e-3, torch.rand(shape, generator=gen).to(dev) * 1e-6)
     return out
 
 
@@ -166,13 +166,15 @@ def case_bs1_loop(model, pool, target, batch):
 
 
 def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False):
-    from prism_lightning.influence.extract import adam_preconditioner, gradient_features
+    from prism_lightning.config import ProjectionArgs
+    from prism_lightning.influence.extract import gradient_features
     from prism_lightning.influence.per_example import lora_linears
-    from prism_lightning.influence.projection import ProjectionArgs, Projector
+    from prism_lightning.influence.preconditioners import Adam
+    from prism_lightning.influence.projection import Projector
 
     layers = lora_linears(model)
     projector = Projector(ProjectionArgs(kind=kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
-    pre = adam_preconditioner(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
+    pre = Adam.from_moments(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
     start = time.perf_counter()
     f_pool = torch.cat([gradient_features(model, layers, b, projector, pre, normalize=normalize)[0]
                         for b in batches(pool, batch)])
@@ -230,7 +232,7 @@ def case_trak(model, pool, target, batch, dim: int):
     from trak.modelout_functions import AbstractModelOutput
     from trak.projectors import BasicProjector, ProjectionType
 
-    from prism_lightning.data.tokenize import mean_logprob
+    from prism_lightning.influence.objective import mean_logprob
 
     class LanguageModelOutput(AbstractModelOutput):
         """Model output ``lbar(z)`` (so d output / d loss = -1 for every row)."""

@@ -1,0 +1,19 @@
+"""The project's exceptions: each message names the file, row or setting at fault and how to fix it."""
+
+from __future__ import annotations
+
+
+class DataFormatError(ValueError):
+    """Bad input data; the message names the file, the row and the field, and how to fix it."""
+
+
+class StoreMismatchError(ValueError):
+    """A feature store on disk was made with other settings, or from other data, than the ones in use."""
+
+
+class StageMismatchError(ValueError):
+    """A pipeline stage folder was made with other settings than the ones in use."""
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message lists every problem found."""
