@@ -7,14 +7,24 @@ so a misspelt value is refused when the config is parsed, before any compute.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Literal
 
 from prism_lightning import DEMO_DATA, TINY_MODEL
+from prism_lightning.errors import SettingsError
 from prism_lightning.influence.preconditioners import PreconditionerName
 from prism_lightning.influence.scoring import MODES, ModeName
 
 DType = Literal["float32", "bfloat16", "float16"]
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def refuse(where: str, problems: list[str]) -> None:
+    """Raise one ``SettingsError`` listing every problem of a settings object (nothing if none)."""
+    problems = [p for p in problems if isinstance(p, str)]  # each check is ``condition and message``
+    if problems:
+        raise SettingsError(f"{where}: " + "; ".join(problems))
 
 
 @dataclass
@@ -52,6 +62,12 @@ class LoraArgs:
     init_seed: int = 0
     """Seed of the adapter's initialisation (the pipeline sets it to the experiment's seed)."""
 
+    def __post_init__(self) -> None:
+        refuse("lora", [self.r < 1 and f"r={self.r} must be >= 1",
+                        self.alpha <= 0 and f"alpha={self.alpha} must be > 0",
+                        not 0 <= self.dropout < 1 and f"dropout={self.dropout} must be in [0, 1)",
+                        not self.target_modules and "target_modules is empty"])
+
 
 @dataclass
 class OptimArgs:
@@ -67,6 +83,12 @@ class OptimArgs:
     """Adam's epsilon."""
     warmup_ratio: float = 0.03
     """Share of the steps with a rising learning rate."""
+
+    def __post_init__(self) -> None:
+        refuse("optim", [self.lr <= 0 and f"lr={self.lr} must be > 0",
+                         not all(0 <= b < 1 for b in self.betas) and f"betas={self.betas} must be in [0, 1)",
+                         self.eps <= 0 and f"eps={self.eps} must be > 0",
+                         not 0 <= self.warmup_ratio < 1 and f"warmup_ratio={self.warmup_ratio} must be in [0, 1)"])
 
 
 @dataclass
@@ -98,6 +120,12 @@ class ProjectionArgs:
     cache_mb: int = 512
     """Memory for generated projection blocks kept between batches (does not change the values)."""
 
+    def __post_init__(self) -> None:
+        refuse("projection", [self.kind != "none" and self.dim < 1 and f"dim={self.dim} must be >= 1",
+                              self.sjlt_s < 1 and f"sjlt_s={self.sjlt_s} must be >= 1",
+                              self.block_rows < 1 and f"block_rows={self.block_rows} must be >= 1",
+                              self.cache_mb < 0 and f"cache_mb={self.cache_mb} must be >= 0"])
+
 
 @dataclass
 class SelectionArgs:
@@ -123,6 +151,15 @@ class SelectionArgs:
     """Ground-truth column for ranking metrics (skipped when the pool lacks it); never used to score."""
     plots: bool = True
     """Write ``roc.png`` and ``score_distributions.png`` with the ranking metrics."""
+    verify: bool = True
+    """Check every shard's sha256 against its store's manifest before scoring (a full read of the stores)."""
+
+    def __post_init__(self) -> None:
+        refuse("selection", [
+            (self.fraction is None) == (self.k is None) and "give exactly one of fraction and k",
+            self.fraction is not None and not 0 < self.fraction <= 1 and f"fraction={self.fraction} must be in (0, 1]",
+            self.k is not None and self.k < 1 and f"k={self.k} must be >= 1",
+            self.chunk_rows < 1 and f"chunk_rows={self.chunk_rows} must be >= 1"])
 
 
 @dataclass
@@ -180,6 +217,14 @@ class Experiment:
     study: str | None = None
     """Experiments sharing a study name are tabulated side by side in the report."""
 
+    def __post_init__(self) -> None:
+        refuse(f"experiment {self.name!r}", [
+            (not NAME.fullmatch(self.name or "") or self.name in (".", ".."))
+            and "name must be letters, digits, '_', '.' or '-' (it names a folder inside the output folder)",
+            not 0 < self.fraction < 1 and f"fraction={self.fraction} must be in (0, 1)",
+            not 0 <= self.target_noise <= 1 and f"target_noise={self.target_noise} must be in [0, 1]",
+            self.kind == "forward" and self.clean_pool and "clean_pool is only used by repair experiments"])
+
 
 def default_experiments() -> list[Experiment]:
     """The demo: a surprising contamination, a plausible one, and forward selection of a missing skill."""
@@ -220,6 +265,22 @@ class PipelineArgs:
     features_precision: str | None = None
     """Overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true`` while training runs
     ``bf16-mixed``); under the ``fsdp2`` strategy that stage runs DDP (each rank extracts its shards)."""
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.experiments]
+        refuse("pipeline", [
+            not self.experiments and "no experiments",
+            len(set(names)) != len(names)
+            and f"experiment names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}",
+            not self.modes and "no modes",
+            len(set(self.modes)) != len(self.modes) and f"modes repeat: {self.modes}",
+            not self.seeds and "no seeds",
+            len(set(self.seeds)) != len(self.seeds) and f"seeds repeat: {self.seeds}",
+            self.warmup_epochs < 1 and f"warmup_epochs={self.warmup_epochs} must be >= 1",
+            self.finetune_epochs < 1 and f"finetune_epochs={self.finetune_epochs} must be >= 1",
+            self.finetune_lr <= 0 and f"finetune_lr={self.finetune_lr} must be > 0",
+            self.finetune_batch_size is not None and self.finetune_batch_size < 1
+            and f"finetune_batch_size={self.finetune_batch_size} must be >= 1"])
 
 
 def plain(obj):

@@ -17,3 +17,15 @@ class StageMismatchError(ValueError):
 
 class SettingsError(ValueError):
     """Settings that cannot work together; the message lists every problem found."""
+
+
+class StoreCorruptError(StoreMismatchError):
+    """A feature store file is missing, truncated or altered; the message says how to recover."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf values where a number is needed (features, losses, scores); the message names the rows."""
+
+
+class LockedError(RuntimeError):
+    """Another run holds the output folder's lock; the message names its pid and host."""

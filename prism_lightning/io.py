@@ -2,18 +2,51 @@
 
 Every output is written under a temporary name in its own folder, flushed to disk (``fsync``) and
 renamed into place, so a reader sees the old file or the complete new one, never a partial one,
-even after a crash or a killed job. Files are created with the process umask like any other file.
+even after a crash or a killed job. Files get the mode the process umask gives any new file
+(libraries such as safetensors create 0600 files, unreadable to a team on shared storage), and a
+failed write (a full disk, a read-only folder) names the file it could not write.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prism_lightning.errors import LockedError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file in this process
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """A write failure (disk full, read-only, no permission) re-raised with the path it failed on."""
+    if err.errno not in WRITE_ERRORS:
+        return err
+    return OSError(err.errno, f"cannot write {path}: {err.strerror or err}; check that the folder is writable "
+                              "and the disk has space")
+
+
+def _settle(path: Path) -> None:
+    """fsync a written file and give it the process's normal file mode."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(path, FILE_MODE)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -28,14 +61,18 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        _settle(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        named = _named(err, path)
+        if named is err:
+            raise
+        raise named from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -51,18 +88,22 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces ``folder`` in one rename."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                _settle(f)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
+    except OSError as err:
+        named = _named(err, folder)
+        if named is err:
+            raise
+        raise named from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -79,3 +120,60 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+LOCK_NAME = ".prism-lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold ``<folder>/.prism-lock`` while a run writes to ``folder``; a second run is refused.
+
+    The lock records the holder's pid, host and command. A lock left by a process that no longer runs
+    on this host is taken over; one held on another host (shared storage) is never broken: delete the
+    file by hand if that run is gone. Creating the lock also proves the folder is writable.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+                break
+            except FileExistsError:
+                try:
+                    held = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    held = {}
+                if held.get("host") == me["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+                    path.unlink(missing_ok=True)  # left by a run that died on this host
+                    continue
+                raise LockedError(f"{folder} is in use by pid {held.get('pid', '?')} on host {held.get('host', '?')} "
+                                  f"since {held.get('started', '?')} ({held.get('command', '')}); wait for that run, "
+                                  f"use another output folder, or delete {path} if that run is gone") from None
+        else:
+            raise LockedError(f"{path}: could not take the lock")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+    except OSError as err:
+        named = _named(err, path)
+        if named is err:
+            raise
+        raise named from err
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

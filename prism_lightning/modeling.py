@@ -21,11 +21,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def model_source(name: str) -> str:
+    """``name`` checked: a local path (absolute, ``./``, ``../``, ``~`` or several ``/``) must exist.
+
+    A hub id (``org/name``) is passed on as is; without network access it must be in the local cache.
+    """
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    path = Path(name).expanduser()
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model.name_or_path={name!r}: no such folder; give a local folder holding the "
+                                "model's config.json and weights, or a hub id such as meta-llama/Llama-3.1-8B")
+    return str(path) if looks_local else name
+
+
 def load_tokenizer(model: ModelArgs):
     """``AutoTokenizer`` for the model, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_source(model.name_or_path), trust_remote_code=model.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -50,7 +63,7 @@ def load_base_model(model: ModelArgs) -> nn.Module:
             bnb_4bit_quant_storage=torch_dtype(model.dtype))
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_source(model.name_or_path), **kwargs)
 
 
 def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | None = None,

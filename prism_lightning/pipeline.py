@@ -14,14 +14,17 @@ checkpointing, inference mode (features), the pool and rows it trains on, and a 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
 
 from prism_lightning import __version__
-from prism_lightning.config import Experiment, PipelineArgs, SelectionArgs
+from prism_lightning.config import Experiment, PipelineArgs, SelectionArgs, refuse
+from prism_lightning.data.formats import load_pairs, load_sft
 from prism_lightning.data.targets import noisy_targets
+from prism_lightning.errors import DataFormatError
 from prism_lightning.eval import metrics as M
 from prism_lightning.modules import FinetuneModule, GradientFeatureModule, WarmupModule
 from prism_lightning.report import write_report
@@ -37,10 +40,52 @@ from prism_lightning.stages import (
 )
 
 
+def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) -> None:
+    """Check every experiment before any compute; raise one ``SettingsError`` listing every problem.
+
+    Each experiment's folder must lie inside ``root``; its pool, targets and clean pool must parse;
+    its budget must select at least one row; its skill must be in the pool and, when it is
+    fine-tuned, in the held-out rows its metric is measured on.
+    """
+    problems, parsed = [], {}
+
+    def rows(path: str, pairs: bool):
+        if path not in parsed:
+            try:
+                parsed[path] = load_pairs(path) if pairs else load_sft(path)
+            except (DataFormatError, OSError) as err:
+                parsed[path] = None
+                problems.append(str(err))
+        return parsed[path]
+
+    hp = datamodule.hparams
+    eval_subtasks = {"exact_match": {r.subtask for r in rows(hp.eval_sft, False) or []} if hp.eval_sft else set(),
+                     "unwanted": {r.subtask for r in rows(hp.eval_pairs, True) or []} if hp.eval_pairs else set()}
+    for exp in args.experiments:
+        where = f"experiment {exp.name!r}"
+        if not (root / exp.name).resolve().is_relative_to(root.resolve()):
+            problems.append(f"{where}: its folder {root / exp.name} is outside the output folder {root}")
+        pool = rows(exp.pool, False)
+        rows(exp.target, True)
+        if exp.clean_pool:
+            rows(exp.clean_pool, False)
+        if pool is not None:
+            if math.floor(exp.fraction * len(pool) + 1e-9) < 1:
+                problems.append(f"{where}: fraction={exp.fraction} of {len(pool)} pool rows selects no row")
+            if exp.subtask not in {r.subtask for r in pool}:
+                problems.append(f"{where}: subtask {exp.subtask!r} is not a subtask of {exp.pool}")
+        if exp.finetune and exp.subtask not in eval_subtasks[exp.metric]:
+            source = "data.eval_sft" if exp.metric == "exact_match" else "data.eval_pairs"
+            problems.append(f"{where}: its metric {exp.metric!r} is measured on held-out rows of subtask "
+                            f"{exp.subtask!r}, and {source} has none; add them or set finetune: false")
+    refuse("pipeline", problems)
+
+
 def run_pipeline(trainer: L.Trainer, model, datamodule: L.LightningDataModule, output_dir: str | None,
                  args: PipelineArgs, force: bool = False) -> dict:
     """Run every experiment x seed; write ``report.json`` and ``report.md`` under ``output_dir``."""
     root = Path(output_dir or model.output_dir)
+    validate(args, root, datamodule)
     results = [run_experiment(trainer, model, datamodule, root / exp.name / f"seed-{seed}", exp, seed, args, force)
                for exp in args.experiments for seed in args.seeds]
     report = {"package_version": __version__, "settings": json.loads(json.dumps(asdict(args), default=str)),
@@ -74,19 +119,20 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
                                   fsdp=model.fsdp_args)
             t = stage_trainer(trainer, root / "warmup", f"{version}/warmup", max_epochs=args.warmup_epochs,
                               enable_checkpointing=True)
-            t.fit(module, datamodule=stage_data(datamodule, **{**data, "train_on": "warmup"}))
+            last = root / "warmup" / "lightning" / "last.ckpt"  # left by a preempted warmup: resume it exactly
+            t.fit(module, datamodule=stage_data(datamodule, **{**data, "train_on": "warmup"}),
+                  ckpt_path=str(last) if last.exists() else None)
     times["warmup"] = st.seconds
 
     pre = exp.pool_preconditioner or args.pool_preconditioner
     feat_settings = dict(warm_settings, projection=asdict(args.projection), pre=pre)
+    features = GradientFeatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
+                                     output_dir=str(root), projection=args.projection, pool_preconditioner=pre)
     with Stage(root / "features", feat_settings, force) as st:
         if st.todo:
-            module = GradientFeatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
-                                           output_dir=str(root), projection=args.projection,
-                                           pool_preconditioner=pre)
             t = stage_trainer(trainer, root / "features", f"{version}/features",
                               **feature_overrides(trainer, args.features_precision))
-            t.predict(module, datamodule=stage_data(datamodule, **data), return_predictions=False)
+            t.predict(features, datamodule=stage_data(datamodule, **data), return_predictions=False)
     times["features"] = st.seconds
 
     sel = SelectionArgs(task=exp.kind, fraction=exp.fraction, seed=seed)
@@ -94,7 +140,8 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
         if st.todo and is_rank0():
             dm = stage_data(datamodule, **data)
             dm.load()
-            run_selection(root / "features", root / "selection", modes, sel, dm.pool_rows, dm.target_rows)
+            run_selection(root / "features", root / "selection", modes, sel, dm.pool_rows, dm.target_rows,
+                          expected=features.scoring_expectations(dm))
         barrier()
     times["select"] = st.seconds
     out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask, "metric": exp.metric,

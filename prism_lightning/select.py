@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from prism_lightning.config import SelectionArgs
-from prism_lightning.data.formats import PairRow, SFTRow
-from prism_lightning.errors import StoreMismatchError
+from prism_lightning.data.formats import PairRow, SFTRow, rows_digest
+from prism_lightning.errors import NonFiniteError, StoreMismatchError
 from prism_lightning.eval.plots import plot_roc, plot_score_distributions
 from prism_lightning.eval.ranking import ranking_report
 from prism_lightning.influence.scoring import (
@@ -45,34 +45,45 @@ def parse_modes(modes: str | list[str]) -> list[str]:
     return out
 
 
-def _stores(features_dir: Path, epochs: list[int] | None, need_target: bool) -> list[tuple]:
-    """(epoch, pool store, target store or None) for each complete checkpoint, by epoch."""
+def _stores(features_dir: Path, epochs: list[int] | None, need_target: bool, verify: bool) -> list[tuple]:
+    """(epoch, pool store, target store or None) per complete checkpoint, by epoch (hashes checked if ``verify``)."""
     found = []
     for folder in sorted(features_dir.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
         epoch = int(folder.name.split("-")[1])
         if epochs is not None and epoch not in epochs:
             continue
-        pool = FeatureStore(folder / "pool")
-        target = FeatureStore(folder / "target") if need_target else None
+        pool = FeatureStore(folder / "pool", verify=verify)
+        target = FeatureStore(folder / "target", verify=verify) if need_target else None
         found.append((epoch, pool, target))
     if not found:
         raise FileNotFoundError(f"{features_dir}: no feature stores (epoch-N/pool); run the predict stage first")
     return found
 
 
-def _check(store: FeatureStore, expected: dict, what: str) -> None:
-    diffs = [f"{k}: store has {store.manifest.get(k)!r}, scoring with {expected[k]!r}"
-             for k in SCORING_KEYS if k in expected and store.manifest.get(k) != expected[k]]
+def _check(store: FeatureStore, expected: dict, what: str, split: str, epoch: int) -> None:
+    """Refuse a store made with other settings, from other data or at another warmup checkpoint."""
+    m = store.manifest
+    diffs = [f"{k}: store has {m.get(k)!r}, scoring with {expected[k]!r}"
+             for k in SCORING_KEYS if k in expected and m.get(k) != expected[k]]
     if diffs:
         raise StoreMismatchError(f"{store.folder} ({what}) was built with other settings: {'; '.join(diffs)}. "
                                  "Re-extract features with the current model/projection or score with the store's.")
+    want = expected.get("dataset_fingerprint", {}).get(split)
+    if want is not None and m.get("dataset_fingerprint") != want:
+        raise StoreMismatchError(f"{store.folder} was extracted from other {split} rows than data.{split} now holds "
+                                 "(token fingerprint differs: other rows, tokenizer or max_length); rerun the "
+                                 f"predict stage for this {split}, or point data.{split} at the file it was made from")
+    want = expected.get("adapter_sha256", {}).get(epoch)
+    if want is not None and m.get("adapter_sha256") != want:
+        raise StoreMismatchError(f"{store.folder} was extracted at another warmup checkpoint (the adapter file of "
+                                 f"epoch {epoch} has changed since); rerun the predict stage")
 
 
 def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionArgs, pool: list[SFTRow],
                    targets: list[PairRow], expected: dict | None = None) -> tuple[dict, dict, list[dict]]:
     """Scores per mode [n] (float64), pi per target pair per epoch, and the stores' manifests."""
     grad_modes = [m for m in modes if m in GRADIENT_MODES]
-    stores = _stores(Path(features_dir), args.epochs, need_target=bool(grad_modes))
+    stores = _stores(Path(features_dir), args.epochs, need_target=bool(grad_modes), verify=args.verify)
     per_epoch, lrs, losses, weights, manifests = [], [], [], {}, []
     subtasks = [t.subtask for t in targets]
     need_loss = any(MODES[m].needs_loss for m in modes)
@@ -80,7 +91,7 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
         if len(pstore) != len(pool):
             raise StoreMismatchError(f"{pstore.folder}: {len(pstore)} rows but the pool has {len(pool)}; the "
                                      "features were extracted for another pool")
-        _check(pstore, expected or {}, "pool")
+        _check(pstore, expected or {}, "pool", "pool", epoch)
         lrs.append(float(pstore.manifest["lr_mean"]))
         manifests.append(pstore.manifest)
         if need_loss:
@@ -89,7 +100,8 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
             continue
         if len(tstore) != len(targets):
             raise StoreMismatchError(f"{tstore.folder}: {len(tstore)} pairs but the target set has {len(targets)}")
-        _check(tstore, {k: pstore.manifest[k] for k in SCORING_KEYS}, "target vs pool")
+        _check(tstore, {k: pstore.manifest[k] for k in SCORING_KEYS}, "target vs pool", "target", epoch)
+        _check(tstore, expected or {}, "target", "target", epoch)
         manifests.append(tstore.manifest)
         pi = preference_weights(tstore.load("lbar_chosen").double(), tstore.load("lbar_rejected").double())
         weights[f"epoch-{epoch}"] = pi
@@ -100,6 +112,12 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
     scores = reduce_groups(combine(per_epoch, lrs), keys, grad_modes) if grad_modes else {}
     inputs = Inputs(rows=len(pool), seed=args.seed, lrs=lrs, losses=losses)
     scores |= {m: MODES[m].scores(inputs) for m in modes if MODES[m].scores is not None}
+    for mode in modes:
+        bad = (~torch.isfinite(scores[mode])).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"{features_dir}: mode {mode!r} gives NaN or Inf scores for pool rows "
+                                 f"{[pool[i].id for i in bad[:10]]} ({len(bad)} rows); the stores are finite, so "
+                                 "a dot product overflowed: use float32 stores (store_dtype: float32)")
     return {m: scores[m] for m in modes}, weights, manifests
 
 
@@ -129,9 +147,12 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
                "adapter_sha256": m["adapter_sha256"], "manifest_sha256": json_digest(m)} for m in manifests]
     summary: dict = {}
     quota = [r.subtask for r in pool] if args.per_subtask_quota else None
+    # what the selection is made of (not how it was computed: verify, plots and chunk_rows change no result)
+    selection = {k: v for k, v in asdict(args).items() if k not in ("verify", "plots", "chunk_rows")}
+    data = {"pool_rows": len(pool), "targets": len(targets), "pool_sha256": rows_digest(pool),
+            "targets_sha256": rows_digest(targets)}
     for mode in modes:
-        settings = {"mode": mode, "selection": asdict(args), "stores": stores, "pool_rows": len(pool),
-                    "targets": len(targets)}
+        settings = {"mode": mode, "selection": selection, "stores": stores} | data
         mdir = out / mode
         old = mdir / "manifest.json"
         if old.exists() and not force:

@@ -49,7 +49,7 @@ class PrismTrainer(L.Trainer):
         root = Path(model.output_dir)
         summary = run_selection(root / "features", root / "selection", modes or ["prism"],
                                 selection, datamodule.pool_rows, datamodule.target_rows,
-                                expected=model.scoring_expectations(), force=force)
+                                expected=model.scoring_expectations(datamodule), force=force)
         for mode, info in summary.items():
             if mode != "ranking_metrics":
                 print(f"{mode}: {info['selected_rows']} rows -> {info['dir']}/selected.jsonl")

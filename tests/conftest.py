@@ -15,6 +15,8 @@ from prism_lightning import DEMO_DATA, TINY_MODEL
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# in-process CLI calls raise the project's errors (the tests of the one-line output unset it)
+os.environ.setdefault("PRISM_DEBUG", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -15,7 +15,7 @@ from prism_lightning.errors import StoreMismatchError
 from prism_lightning.influence.scoring import MODES
 from prism_lightning.influence.selection import budget, choose
 from prism_lightning.select import compute_scores, run_selection
-from prism_lightning.store.feature_store import write_shard
+from prism_lightning.store.feature_store import mark_complete, write_shard
 
 N, M, K = 37, 9, 16
 SUBS = ["a", "b", "a", "c", "b", "a", "c", "c", "a"]
@@ -30,15 +30,16 @@ def fake_stores(root, epochs=(1, 2), lrs=(2e-3, 1e-3), shard=10, seed=0):
         lc, lr_ = -torch.rand(M, generator=g) * 3, -torch.rand(M, generator=g) * 3
         loss = torch.rand(N, generator=g)
         base = {"format": 1, "model": "m", "projection": {"kind": "none"}, "normalize": False, "dim": K,
-                "epoch": e, "lr_mean": lr, "adapter_sha256": f"h{e}", "adapter_path": f"ck{e}", "complete": True}
+                "epoch": e, "lr_mean": lr, "adapter_sha256": f"h{e}", "adapter_path": f"ck{e}"}
         for split, n in (("pool", N), ("target", M)):
             folder = root / f"epoch-{e}" / split
-            for j, s in enumerate(range(0, n, shard)):
+            starts = range(0, n, shard)
+            for j, s in enumerate(starts):
                 idx = torch.arange(s, min(s + shard, n))
                 t = ({"features": f[idx], "loss": loss[idx]} if split == "pool" else
                      {"chosen": c[idx], "rejected": r[idx], "lbar_chosen": lc[idx], "lbar_rejected": lr_[idx]})
                 write_shard(folder, j, t | {"index": idx})
-            (folder / "manifest.json").write_text(json.dumps(base | {"split": split, "rows": n}))
+            mark_complete(folder, base | {"split": split, "rows": n}, len(starts))
         data[e] = (lr, f.double(), c.double(), r.double(), lc.double(), lr_.double(), loss.double())
     return data
 

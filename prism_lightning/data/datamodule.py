@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from prism_lightning import DEMO_DATA
 from prism_lightning.config import Columns, ModelArgs
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
-from prism_lightning.data.formats import PairRow, SFTRow, load_pairs, load_sft
+from prism_lightning.data.formats import PairRow, SFTRow, load_pairs, load_sft, rows_digest
 from prism_lightning.data.samplers import GlobalBatchSampler, ShardBatches
 from prism_lightning.data.tokenize import Encoder
 from prism_lightning.errors import DataFormatError
@@ -138,6 +139,11 @@ class PrismDataModule(L.LightningDataModule):
         path = self.selection_path()
         ids = [r.id for r in load_sft(path, self.cols)] if path.suffix != ".txt" else \
             [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        made = path.parent / "manifest.json"  # written by `select` beside selected.jsonl
+        if made.exists() and json.loads(made.read_text()).get("pool_sha256") not in (None, rows_digest(self.pool_rows)):
+            raise DataFormatError(f"{path} was selected from another pool than data.pool={self.hparams.pool} (its "
+                                  f"{made.name} records other rows); rerun `select` for this pool or point data.pool "
+                                  "at the pool it was made from")
         by_id = {r.id: i for i, r in enumerate(self.pool_rows)}
         missing = [i for i in ids if i not in by_id]
         if missing:

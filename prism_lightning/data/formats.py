@@ -15,12 +15,15 @@ Every problem is reported with file, row and field before any compute is spent.
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prism_lightning.config import Columns
 from prism_lightning.errors import DataFormatError
+from prism_lightning.io import json_digest
 
 DEFAULT_COLUMNS = Columns()
 
@@ -47,47 +50,109 @@ class PairRow:
     subtask: str = "all"
 
 
-def _check_utf8_jsonl(path: Path) -> None:
-    """Name the line of a non-UTF-8 byte or of a broken JSON record."""
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file, naming the line of a byte that is not UTF-8."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
-                line = raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataFormatError(f"{path}: line {lineno}: not valid UTF-8 ({err.reason} at byte "
                                       f"{err.start}); re-encode the file as UTF-8") from None
-            if path.suffix == ".jsonl" and line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{path}: line {lineno}: invalid JSON ({err.msg}); "
-                                          "each line must be one JSON object") from None
+
+
+def _json_lines(path: Path) -> list[dict]:
+    rows = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: line {lineno}: invalid JSON ({err.msg}); each line must be one JSON "
+                                  "object (JSON Lines)") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}: line {lineno}: a JSON {type(row).__name__}, not an object with fields")
+        rows.append(row)
+    return rows
+
+
+def _json(path: Path) -> list[dict]:
+    """A ``.json`` file: an array of objects, or JSON Lines."""
+    text = "".join(line for _, line in _lines(path))
+    if not text.lstrip().startswith("["):
+        return _json_lines(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}); is the "
+                              "file complete?") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataFormatError(f"{path}: item {bad + 1} of the array is a JSON {type(rows[bad]).__name__}, not an "
+                              "object with fields")
+    return rows
+
+
+def _csv(path: Path) -> list[dict]:
+    """Every cell as the text it holds: no type inference, no NA conversion (an empty cell is '')."""
+    header, rows = None, []
+    for _ in _lines(path):  # the encoding first, naming a bad line
+        pass
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames
+        try:
+            rows = [dict(r) for r in reader]
+        except csv.Error as err:
+            raise DataFormatError(f"{path}: line {reader.line_num}: {err}") from None
+    if header and any(None in r for r in rows):
+        row = next(i for i, r in enumerate(rows) if None in r)
+        raise DataFormatError(f"{path}: row {row + 1} has more cells than the header's {len(header)} columns")
+    return rows
+
+
+def _with_datasets(path: Path) -> list[dict]:
+    """Parquet files and ``save_to_disk`` folders, read with ``datasets`` (errors name the path)."""
+    import datasets
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if len(ds) != 1:
+                    raise DataFormatError(f"{path}: a DatasetDict with splits {sorted(ds)}; save the split to use "
+                                          "on its own (ds['train'].save_to_disk(...))")
+                ds = next(iter(ds.values()))
+        else:
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        return ds.to_list()
+    except DataFormatError:
+        raise
+    except Exception as err:  # datasets and pyarrow raise many types; the user needs the file named
+        raise DataFormatError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+
+
+READERS = {".jsonl": _json_lines, ".json": _json, ".csv": _csv, ".parquet": _with_datasets}
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """All rows of a data file or saved dataset as dicts, through ``datasets``."""
-    import datasets
+    """All rows of a data file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) or a saved dataset folder.
 
+    JSON and CSV are parsed as written, without type inference: CSV cells stay text, JSON values keep
+    their JSON types (validation then names a row whose field has the wrong type).
+    """
     p = Path(path)
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or folder; check the data path in your config")
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    else:
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(p.suffix)
-        if kind is None:
-            raise DataFormatError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, "
-                                  ".parquet, .csv or a folder saved with Dataset.save_to_disk")
-        if kind in ("json", "csv"):
-            _check_utf8_jsonl(p)
-        if p.stat().st_size == 0:
-            raise DataFormatError(f"{p}: the file is empty; it needs at least one row")
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-    rows = ds.to_list()
+    reader = _with_datasets if p.is_dir() else READERS.get(p.suffix)
+    if reader is None:
+        raise DataFormatError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet, .csv or a "
+                              "folder saved with Dataset.save_to_disk")
+    rows = reader(p)
     if not rows:
-        raise DataFormatError(f"{p}: the dataset is empty; it needs at least one row")
+        raise DataFormatError(f"{p}: no rows (the file is empty, blank or has only a header); it needs at least "
+                              "one row")
     return rows
 
 
@@ -98,8 +163,9 @@ def _text_or_messages(value, path, i: int, name: str):
         return value
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
         return value
+    kind = "NaN" if isinstance(value, float) and value != value else type(value).__name__
     raise DataFormatError(f"{path}: row {i + 1}: field {name!r} must be a non-empty string or a list of "
-                          f"{{role, content}} messages, got {type(value).__name__}")
+                          f"{{role, content}} messages, got {kind} ({value!r:.40})")
 
 
 def _require(row: dict, key: str, path, i: int, hint: str):
@@ -137,7 +203,7 @@ def parse_sft(records: list[dict], path: str | Path, cols: Columns = DEFAULT_COL
             hint = (f"SFT rows need {cols.prompt!r} and {cols.completion!r} (or {cols.messages!r}, or "
                     f"{cols.text!r}); rename columns with data.columns")
             prompt = _text_or_messages(_require(row, cols.prompt, path, i, hint), path, i, cols.prompt)
-            comp = _text_or_messages(_require(row, cols.completion, path, i, hint), path, i, cols.completion)
+            comp = _answer_text(_require(row, cols.completion, path, i, hint), path, i, cols.completion)
             out.append(SFTRow(rid, prompt, comp, sub, extra))
         elif row.get(cols.text) is not None:
             out.append(SFTRow(rid, "", _text_or_messages(row[cols.text], path, i, cols.text), sub, extra))
@@ -147,6 +213,17 @@ def parse_sft(records: list[dict], path: str | Path, cols: Columns = DEFAULT_COL
                 f"{cols.text!r} field (found {sorted(row)}); rename columns with data.columns")
     _ids_unique([r.id for r in out], path)
     return out
+
+
+def _answer_text(value, path, i: int, name: str) -> str:
+    """A response given as text, or as TRL's conversational completion: one assistant message."""
+    value = _text_or_messages(value, path, i, name)
+    if isinstance(value, str):
+        return value
+    if len(value) != 1 or value[0].get("role") != "assistant":
+        raise DataFormatError(f"{path}: row {i + 1}: field {name!r} as a message list must hold exactly one "
+                              "assistant message (TRL's conversational prompt-completion format)")
+    return _text_or_messages(value[0]["content"], path, i, f"{name}[0].content")
 
 
 def _answer(value):
@@ -176,6 +253,11 @@ def parse_pairs(records: list[dict], path: str | Path, cols: Columns = DEFAULT_C
                            str(row.get(cols.subtask) or "all")))
     _ids_unique([r.id for r in out], path)
     return out
+
+
+def rows_digest(rows: list[SFTRow] | list[PairRow]) -> str:
+    """sha256 of parsed rows (ids, texts, subtasks and extra columns): what a selection was made from."""
+    return json_digest([asdict(r) for r in rows])
 
 
 def load_sft(path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> list[SFTRow]:

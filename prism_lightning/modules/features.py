@@ -20,13 +20,22 @@ from safetensors.torch import load_file
 
 from prism_lightning import __version__
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
+from prism_lightning.errors import StoreMismatchError
 from prism_lightning.influence.extract import gradient_features
 from prism_lightning.influence.per_example import lora_linears
 from prism_lightning.influence.preconditioners import Preconditioner, PreconditionerName, make_preconditioner
 from prism_lightning.influence.projection import Projector, projection_identity
-from prism_lightning.io import atomic_write_text
+from prism_lightning.io import atomic_write_text, file_sha256
 from prism_lightning.modeling import build_model, torch_dtype
-from prism_lightning.store.feature_store import FORMAT_VERSION, PredictTask, check_settings, complete_shards, num_shards
+from prism_lightning.store.feature_store import (
+    FORMAT_VERSION,
+    FeatureStore,
+    PredictTask,
+    check_settings,
+    complete_shards,
+    num_shards,
+    orphan_shards,
+)
 from prism_lightning.store.writer import FeatureStoreWriter
 
 
@@ -60,6 +69,8 @@ class GradientFeatureModule(L.LightningModule):
             LESS's target features, ``identity`` the raw-gradient, TracIn-like setting).
         normalize: L2-normalise each feature (LESS's cosine similarity).
         store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
+        splits: which stores to write (default both).
+        verify: before reusing a complete store, recompute every shard's sha256 against its manifest.
     """
 
     def __init__(self, model: ModelArgs | None = None, checkpoint_dir: str = "runs/tiny/warmup",
@@ -68,13 +79,14 @@ class GradientFeatureModule(L.LightningModule):
                  pool_preconditioner: PreconditionerName = "adam_no_momentum",
                  target_preconditioner: PreconditionerName = "sgd", normalize: bool = True,
                  store_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 splits: list[Literal["pool", "target"]] | None = None):
+                 splits: list[Literal["pool", "target"]] | None = None, verify: bool = False):
         super().__init__()
         self.model_args, self.projection = model or ModelArgs(), projection or ProjectionArgs()
         self.checkpoint_dir, self.output_dir, self.epochs = checkpoint_dir, output_dir, epochs
         self.preconditioner = {"pool": pool_preconditioner, "target": target_preconditioner}
         self.normalize, self.store_dtype = normalize, store_dtype
         self.splits = splits or ["pool", "target"]
+        self.verify = verify
         self.save_hyperparameters()
         self.model = None
         self.plan: list[PredictTask] = []
@@ -95,10 +107,21 @@ class GradientFeatureModule(L.LightningModule):
                 "dtype": self.store_dtype, "shard_size": shard_size, "rows": rows, "dim": dim,
                 "package_version": __version__, "complete": False}
 
-    def scoring_expectations(self) -> dict:
-        """What a feature store must match to be scored for these settings (see ``select``)."""
-        return {"model": self.model_args.name_or_path, "projection": projection_identity(self.projection),
-                "normalize": self.normalize}
+    def scoring_expectations(self, datamodule=None) -> dict:
+        """What a feature store must match to be scored for these settings and data (see ``select``).
+
+        With a data module: the token fingerprints of its pool and targets, and the sha256 of each
+        warmup checkpoint's adapter file as it is on disk now.
+        """
+        out = {"model": self.model_args.name_or_path, "projection": projection_identity(self.projection),
+               "normalize": self.normalize}
+        if datamodule is not None:
+            out["dataset_fingerprint"] = {s: datamodule.fingerprint(s) for s in ("pool", "target")
+                                          if s == "pool" or datamodule.target_rows}
+            out["adapter_sha256"] = {e: file_sha256(f / "adapter_model.safetensors")
+                                     for e, f, _ in find_checkpoints(self.checkpoint_dir, self.epochs)
+                                     if (f / "adapter_model.safetensors").exists()}
+        return out
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
@@ -110,23 +133,32 @@ class GradientFeatureModule(L.LightningModule):
         self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in find_checkpoints(self.checkpoint_dir, self.epochs)}
         sizes = self._layer_sizes()
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        self.plan, self.settings = [], {}
+        self.plan, self.settings, self._incomplete = [], {}, set()
         for tag, (epoch, folder, info) in self.checkpoints.items():
             for split in self.splits:
                 dataset, _ = dm.split_dataset(split)
                 out = self.store_dir(epoch, split)
                 settings = self.store_settings(epoch, folder, info, split, len(dataset), dm.fingerprint(split),
                                                Projector(self.projection, sizes).dim, dm.hparams.shard_size)
+                orphans = orphan_shards(out)
+                if orphans:
+                    raise StoreMismatchError(
+                        f"{out} holds {len(orphans)} shard files but no manifest.json: nothing proves they were "
+                        "made with these settings, so they are not reused; delete them and rerun predict")
                 check_settings(out, settings)
                 self.settings[(tag, split)] = (out, settings)
                 total = num_shards(len(dataset), dm.hparams.shard_size)
                 todo = sorted(set(range(total)) - complete_shards(out, total))
+                if self.verify and not todo:
+                    FeatureStore(out, verify=True)
                 if todo:  # same tasks on every rank (some may get no shard), so ranks stay in step
                     self.plan.append(PredictTask(tag, split, todo[rank::world]))
+                    self._incomplete.add((tag, split))
         self.trainer.strategy.barrier("feature-plan")
         if self.trainer.is_global_zero:
-            for out, settings in self.settings.values():
-                if not (out / "manifest.json").exists():
+            for key, (out, settings) in self.settings.items():
+                # a store being (re)computed is marked incomplete until the writer lists all its shards
+                if key in self._incomplete or not (out / "manifest.json").exists():
                     atomic_write_text(out / "manifest.json", json.dumps(settings, indent=2))
         dm.predict_plan = self.plan
 

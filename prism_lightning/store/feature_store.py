@@ -10,7 +10,11 @@ store is the same whatever the batch size or number of processes that wrote it.
 
 ``manifest.json`` holds the settings that produced the store (model, adapter path and sha256,
 dataset fingerprint, projection, preconditioner, normalisation, dtype, shard size, rows) and,
-once every shard exists, ``complete: true``. Readable with ``safetensors`` and ``json`` alone.
+once every shard exists, ``complete: true`` and ``shards``: per shard its file, sha256, size in
+bytes, row count and first/last row index. Each shard is written with a ``shard-XXXXX.json``
+record of the same fields (so ranks that write shards need not share state); the manifest gathers
+them. Readers check every shard's size (always) and hash (``verify``), and no stored number may be
+NaN or Inf. Readable with ``safetensors`` and ``json`` alone.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prism_lightning.errors import StoreMismatchError
-from prism_lightning.io import atomic_file
+from prism_lightning.errors import NonFiniteError, StoreCorruptError, StoreMismatchError
+from prism_lightning.io import atomic_file, atomic_write_text, file_sha256
 
 FORMAT_VERSION = 1
 # Settings that must agree for shards to be reused or scored together.
@@ -55,11 +59,31 @@ def shard_path(folder: str | Path, shard: int) -> Path:
     return Path(folder) / f"shard-{shard:05d}.safetensors"
 
 
+def record_path(folder: str | Path, shard: int) -> Path:
+    return Path(folder) / f"shard-{shard:05d}.json"
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/Inf in any float tensor of a shard, naming the rows (``index``) that carry them."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero().flatten()
+            rows = tensors["index"][bad].tolist() if "index" in tensors else bad.tolist()
+            raise NonFiniteError(f"{where}: {name!r} is NaN or Inf for rows {rows[:10]}"
+                                 f"{' ...' if len(rows) > 10 else ''} ({len(rows)} rows); a gradient or loss "
+                                 "overflowed: extract in float32 (trainer.precision: 32-true) or check these rows")
+
+
 def write_shard(folder: str | Path, shard: int, tensors: dict[str, torch.Tensor]) -> Path:
-    """Save one shard atomically (``io.atomic_file``)."""
+    """Save one shard and then its record (both atomic); refuses NaN/Inf values."""
     path = shard_path(folder, shard)
+    check_finite(tensors, f"{path}")
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    index = tensors["index"]
+    record = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+              "rows": int(index.numel()), "first": int(index[0]), "last": int(index[-1])}
+    atomic_write_text(record_path(folder, shard), json.dumps(record))
     return path
 
 
@@ -82,22 +106,79 @@ def check_settings(folder: str | Path, settings: dict) -> None:
 
 
 def complete_shards(folder: str | Path, n_shards: int) -> set[int]:
-    """Shards already on disk (complete by construction: written atomically)."""
-    return {j for j in range(n_shards) if shard_path(folder, j).exists()}
+    """Shards whose file and record are on disk and agree in size (a shard without its record is redone)."""
+    done = set()
+    for j in range(n_shards):
+        path, rec = shard_path(folder, j), record_path(folder, j)
+        if path.exists() and rec.exists() and json.loads(rec.read_text())["bytes"] == path.stat().st_size:
+            done.add(j)
+    return done
+
+
+def orphan_shards(folder: str | Path) -> list[Path]:
+    """Shard files in a folder that has no manifest: nothing proves what they were made from."""
+    folder = Path(folder)
+    if (folder / "manifest.json").exists():
+        return []
+    return sorted(folder.glob("shard-*.safetensors"))
+
+
+def shard_records(folder: str | Path, n_shards: int) -> list[dict]:
+    """The records of shards 0..n-1, for the manifest."""
+    return [json.loads(record_path(folder, j).read_text()) for j in range(n_shards)]
+
+
+def mark_complete(folder: str | Path, settings: dict, n_shards: int) -> dict:
+    """Write the manifest of a store whose ``n_shards`` shards are all written: settings, shard records, complete."""
+    manifest = dict(settings, complete=True, shards=shard_records(folder, n_shards))
+    atomic_write_text(Path(folder) / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _corrupt(path: Path, why: str) -> StoreCorruptError:
+    return StoreCorruptError(f"{path} is {why}: delete it (and its .json record) and rerun the predict stage; "
+                             "the other shards are kept")
 
 
 class FeatureStore:
-    """Lazy, memory-mapped reader of one store folder, rows in index order."""
+    """Lazy, memory-mapped reader of one store folder, rows in index order.
 
-    def __init__(self, folder: str | Path, require_complete: bool = True):
+    Opening checks that the store is complete and that every shard the manifest lists exists with
+    its recorded size; ``verify=True`` also checks each shard's sha256 (a full read). Reads refuse
+    NaN/Inf values.
+    """
+
+    def __init__(self, folder: str | Path, require_complete: bool = True, verify: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if self.manifest is None:
-            raise FileNotFoundError(f"{self.folder}: no manifest.json; run feature extraction first")
+            shards = orphan_shards(self.folder)
+            raise FileNotFoundError(f"{self.folder}: no manifest.json" + (
+                f" but {len(shards)} shard files: nothing proves what they were made from; delete them and rerun "
+                "the predict stage" if shards else "; run the predict stage first"))
         if require_complete and not self.manifest.get("complete"):
             raise StoreMismatchError(f"{self.folder}: the store is incomplete (an interrupted extraction?); "
                                      "rerun the predict stage to finish it")
-        self.shards = sorted(self.folder.glob("shard-*.safetensors"))
+        records = self.manifest.get("shards") or []
+        if require_complete and not records:
+            raise StoreMismatchError(f"{self.folder}: the manifest lists no shards (made by an older version?); "
+                                     "delete the store and rerun the predict stage")
+        self.records = records
+        self.shards = [self.folder / r["file"] for r in records]
+        for rec, path in zip(records, self.shards):
+            if not path.exists():
+                raise _corrupt(path, "missing")
+            if path.stat().st_size != rec["bytes"]:
+                raise _corrupt(path, f"{path.stat().st_size} bytes, not the {rec['bytes']} its manifest records "
+                                     "(truncated or altered)")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256 and compare it with the manifest."""
+        for rec, path in zip(self.records, self.shards):
+            if file_sha256(path) != rec["sha256"]:
+                raise _corrupt(path, "corrupt (its sha256 differs from the manifest)")
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -108,10 +189,18 @@ class FeatureStore:
 
     def iter_shards(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """One dict of tensors per shard, in row order; tensors are read from the memory map."""
-        for path in self.shards:
-            with safe_open(str(path), framework="pt") as fh:
-                keys = names or list(fh.keys())
-                yield {k: fh.get_tensor(k) for k in keys}
+        for rec, path in zip(self.records, self.shards):
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    keys = names or list(fh.keys())
+                    tensors = {k: fh.get_tensor(k) for k in keys}
+                    index = fh.get_tensor("index")
+            except Exception as err:  # safetensors raises its own error types for a damaged file
+                raise _corrupt(path, f"unreadable ({type(err).__name__}: {err})") from err
+            if index.numel() != rec["rows"] or int(index[0]) != rec["first"] or int(index[-1]) != rec["last"]:
+                raise _corrupt(path, "not the rows its manifest records")
+            check_finite(dict(tensors, index=index), str(path))
+            yield tensors
 
     def iter_chunks(self, names: list[str], rows: int) -> Iterator[dict[str, torch.Tensor]]:
         """Chunks of at most ``rows`` rows (memory bounded by ``rows x k``), in row order."""

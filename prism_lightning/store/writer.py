@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from prism_lightning.io import atomic_write_text
-from prism_lightning.store.feature_store import complete_shards, shard_rows, write_shard
+from prism_lightning.store.feature_store import complete_shards, mark_complete, shard_rows, write_shard
 
 
 class FeatureStoreWriter(BasePredictionWriter):
@@ -48,4 +46,4 @@ class FeatureStoreWriter(BasePredictionWriter):
         for out, settings in pl_module.settings.values():
             total = -(-settings["rows"] // settings["shard_size"])
             if len(complete_shards(out, total)) == total:
-                atomic_write_text(out / "manifest.json", json.dumps(dict(settings, complete=True), indent=2))
+                mark_complete(out, settings, total)
