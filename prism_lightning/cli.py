@@ -1,4 +1,4 @@
-"""Command line: ``python -m prism_lightning fit|validate|test|predict|select|pipeline``.
+"""Command line: ``python -m prism_lightning fit|validate|test|predict|select|pipeline|import-warmup``.
 
 ``main(args=None)`` wraps a ``LightningCLI`` so tests drive the real CLI in-process, e.g.
 ``main(["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.fast_dev_run", "true"])``.
@@ -76,6 +76,15 @@ class PrismCLI(LightningCLI):
         base.update(PrismTrainer.extra_subcommands())
         return base
 
+    def before_instantiate_classes(self) -> None:
+        """``trainer.default_root_dir`` follows the model's ``output_dir`` unless set: one folder per run holds
+        its outputs, Lightning's checkpoints and the saved config."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        folder = config.get("output_dir") or (config.get("model.init_args.output_dir")
+                                               if "model.init_args" in config else None)
+        if config.get("trainer.default_root_dir") is None and folder:
+            config["trainer.default_root_dir"] = folder
+
     def output_dir(self, subcommand: str) -> Path | None:
         """The folder this run writes to: ``--output_dir`` of ``pipeline``, else the model's ``output_dir``."""
         chosen = (self.config_init.get(subcommand) or {}).get("output_dir") if subcommand == "pipeline" else None
@@ -94,6 +103,17 @@ def main(args: list[str] | None = None, run: bool = True) -> PrismCLI:
     """Entry point of ``python -m prism_lightning`` and the ``prism-lightning`` script."""
     args = None if args is None else list(args)
     argv = sys.argv if args is None else args  # the flag is taken out of whichever list is parsed
+    rest = argv[1:] if args is None else argv
+    if rest[:1] == ["import-warmup"]:  # not a Trainer stage: converts a Hugging Face Trainer's checkpoints
+        from prism_lightning.hf_warmup import main as import_main
+
+        try:
+            return import_main(rest[1:])
+        except USER_ERRORS as err:
+            if debug():
+                raise
+            sys.stderr.write(f"error: {err}\n")
+            sys.exit(2)
     if "--debug" in argv:
         argv.remove("--debug")
         os.environ["PRISM_DEBUG"] = "1"

@@ -163,6 +163,30 @@ class SelectionArgs:
 
 
 @dataclass
+class DatasetSpec:
+    """A dataset read with ``datasets.load_dataset`` (in a data setting, instead of a file path)."""
+
+    path: str
+    """A builder (``json``, ``csv``, ``parquet``) with ``data_files``, a local folder of data files or one
+    written by ``save_to_disk``, or a hub id (needs the hub or its local cache)."""
+    split: str | None = None
+    """The split to read; required when the dataset has several."""
+    name: str | None = None
+    """The dataset's configuration name."""
+    data_files: str | list[str] | dict[str, str] | None = None
+    """Data files for a builder (``path: json``)."""
+    revision: str | None = None
+    """Hub revision."""
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in asdict(self).items() if v is not None and k != "path")
+        return f"load_dataset({self.path!r}{', ' + args if args else ''})"
+
+
+DataSource = str | DatasetSpec  # a file or folder path, or a load_dataset spec
+
+
+@dataclass
 class Columns:
     """Column names in the user's files (rename here instead of editing the data)."""
 
@@ -182,8 +206,6 @@ class Columns:
     """Unwanted response of a preference pair."""
     subtask: str = "subtask"
     """Skill or group label (default ``all``)."""
-    label: str = "harmful"
-    """Ground-truth column read only by evaluation."""
 
 
 @dataclass
@@ -195,13 +217,13 @@ class Experiment:
     kind: Literal["repair", "forward"]
     """``repair``: drop the most harmful ``fraction`` of a contaminated pool (compared with the full and
     the clean pool); ``forward``: keep the top ``fraction`` (compared with the full pool and ``random``)."""
-    pool: str
-    """Candidate rows (file or folder)."""
-    target: str
+    pool: DataSource
+    """Candidate rows (file or folder, or a ``load_dataset`` spec)."""
+    target: DataSource
     """Target preference pairs."""
     subtask: str
     """The skill evaluated: the contaminated skill, or the target skill."""
-    clean_pool: str | None = None
+    clean_pool: DataSource | None = None
     """The pool without contamination, for the ``oracle`` fine-tune of a repair experiment."""
     fraction: float = 0.1
     """Budget: share of the pool kept (forward) or removed (repair)."""

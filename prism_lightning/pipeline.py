@@ -22,7 +22,7 @@ import lightning as L
 
 from prism_lightning import __version__
 from prism_lightning.config import Experiment, PipelineArgs, SelectionArgs, refuse
-from prism_lightning.data.formats import load_pairs, load_sft
+from prism_lightning.data.formats import PoolIndex, load_pairs, load_sft, rows_digest
 from prism_lightning.data.targets import noisy_targets
 from prism_lightning.errors import DataFormatError
 from prism_lightning.eval import metrics as M
@@ -49,14 +49,15 @@ def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) 
     """
     problems, parsed = [], {}
 
-    def rows(path: str, pairs: bool):
-        if path not in parsed:
+    def rows(source, pairs: bool):
+        key = str(source)
+        if key not in parsed:
             try:
-                parsed[path] = load_pairs(path) if pairs else load_sft(path)
+                parsed[key] = load_pairs(source) if pairs else load_sft(source)
             except (DataFormatError, OSError) as err:
-                parsed[path] = None
+                parsed[key] = None
                 problems.append(str(err))
-        return parsed[path]
+        return parsed[key]
 
     hp = datamodule.hparams
     eval_subtasks = {"exact_match": {r.subtask for r in rows(hp.eval_sft, False) or []} if hp.eval_sft else set(),
@@ -139,9 +140,10 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
     with Stage(root / "selection", dict(feat_settings, modes=modes, selection=asdict(sel)), force) as st:
         if st.todo and is_rank0():
             dm = stage_data(datamodule, **data)
-            dm.load()
-            run_selection(root / "features", root / "selection", modes, sel, dm.pool_rows, dm.target_rows,
-                          expected=features.scoring_expectations(dm))
+            pool, targets = PoolIndex.scan(exp.pool, dm.cols, sel.label), load_pairs(target, dm.cols)
+            expected = features.scoring_expectations({"pool": pool.digest, "target": rows_digest(targets)},
+                                                     dm.tokenization())
+            run_selection(root / "features", root / "selection", modes, sel, pool, targets, expected=expected)
         barrier()
     times["select"] = st.seconds
     out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask, "metric": exp.metric,

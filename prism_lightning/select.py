@@ -8,13 +8,14 @@ and ``score_distributions.png`` in ``<selection_dir>``. Every store is read once
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from prism_lightning.config import SelectionArgs
-from prism_lightning.data.formats import PairRow, SFTRow, rows_digest
+from prism_lightning.data.formats import PairRow, PoolIndex, SFTRow, rows_digest
 from prism_lightning.errors import NonFiniteError, StoreMismatchError
 from prism_lightning.eval.plots import plot_roc, plot_score_distributions
 from prism_lightning.eval.ranking import ranking_report
@@ -23,13 +24,12 @@ from prism_lightning.influence.scoring import (
     MODES,
     Inputs,
     checkpoint_scores,
-    combine,
     direction_matrix,
     preference_weights,
     reduce_groups,
 )
-from prism_lightning.influence.selection import budget, choose, rank_order
-from prism_lightning.io import atomic_write_text, json_digest
+from prism_lightning.influence.selection import budget, choose, rank_order, ranks
+from prism_lightning.io import atomic_file, atomic_write_text, json_digest
 from prism_lightning.store.feature_store import FeatureStore
 
 # Manifest keys a store must share with the settings being scored (and pool with target stores).
@@ -68,34 +68,40 @@ def _check(store: FeatureStore, expected: dict, what: str, split: str, epoch: in
     if diffs:
         raise StoreMismatchError(f"{store.folder} ({what}) was built with other settings: {'; '.join(diffs)}. "
                                  "Re-extract features with the current model/projection or score with the store's.")
-    want = expected.get("dataset_fingerprint", {}).get(split)
-    if want is not None and m.get("dataset_fingerprint") != want:
-        raise StoreMismatchError(f"{store.folder} was extracted from other {split} rows than data.{split} now holds "
-                                 "(token fingerprint differs: other rows, tokenizer or max_length); rerun the "
-                                 f"predict stage for this {split}, or point data.{split} at the file it was made from")
+    want = expected.get("source_sha256", {}).get(split)
+    if want is not None and m.get("source_sha256") != want:
+        raise StoreMismatchError(f"{store.folder} was extracted from other {split} rows than data.{split} now holds; "
+                                 f"rerun the predict stage for this {split}, or point data.{split} at the file it "
+                                 "was made from")
+    want = expected.get("tokenization")
+    if want and m.get("tokenization") != want:
+        raise StoreMismatchError(f"{store.folder} was extracted with {m.get('tokenization')} and the data settings "
+                                 f"now say {want}; rerun the predict stage or restore those settings")
     want = expected.get("adapter_sha256", {}).get(epoch)
     if want is not None and m.get("adapter_sha256") != want:
         raise StoreMismatchError(f"{store.folder} was extracted at another warmup checkpoint (the adapter file of "
                                  f"epoch {epoch} has changed since); rerun the predict stage")
 
 
-def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionArgs, pool: list[SFTRow],
+def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionArgs, rows: int,
                    targets: list[PairRow], expected: dict | None = None) -> tuple[dict, dict, list[dict]]:
-    """Scores per mode [n] (float64), pi per target pair per epoch, and the stores' manifests."""
+    """Scores per mode [rows] (float64), pi per target pair per epoch, and the stores' manifests."""
     grad_modes = [m for m in modes if m in GRADIENT_MODES]
     stores = _stores(Path(features_dir), args.epochs, need_target=bool(grad_modes), verify=args.verify)
-    per_epoch, lrs, losses, weights, manifests = [], [], [], {}, []
+    total, loss, lrs, weights, manifests, keys = None, None, [], {}, [], []
     subtasks = [t.subtask for t in targets]
     need_loss = any(MODES[m].needs_loss for m in modes)
-    for epoch, pstore, tstore in stores:
-        if len(pstore) != len(pool):
-            raise StoreMismatchError(f"{pstore.folder}: {len(pstore)} rows but the pool has {len(pool)}; the "
+    for epoch, pstore, tstore in stores:  # s = sum_i lr_i s_i, accumulated checkpoint by checkpoint
+        if len(pstore) != rows:
+            raise StoreMismatchError(f"{pstore.folder}: {len(pstore)} rows but the pool has {rows}; the "
                                      "features were extracted for another pool")
         _check(pstore, expected or {}, "pool", "pool", epoch)
-        lrs.append(float(pstore.manifest["lr_mean"]))
+        lr = float(pstore.manifest["lr_mean"])
+        lrs.append(lr)
         manifests.append(pstore.manifest)
         if need_loss:
-            losses.append(pstore.load("loss").double())
+            part = pstore.load("loss").double().mul_(lr)
+            loss = part if loss is None else loss.add_(part)
         if not grad_modes:
             continue
         if len(tstore) != len(targets):
@@ -108,16 +114,19 @@ def compute_scores(features_dir: str | Path, modes: list[str], args: SelectionAr
         matrix, keys = direction_matrix(grad_modes, tstore.load("chosen"), tstore.load("rejected"), pi,
                                         subtasks, args.per_subtask_direction)
         chunks = (c["features"] for c in pstore.iter_chunks(["features"], args.chunk_rows))
-        per_epoch.append(checkpoint_scores(chunks, matrix, keys))
-    scores = reduce_groups(combine(per_epoch, lrs), keys, grad_modes) if grad_modes else {}
-    inputs = Inputs(rows=len(pool), seed=args.seed, lrs=lrs, losses=losses)
+        dots = checkpoint_scores(chunks, matrix, keys, rows).mul_(lr)
+        total = dots if total is None else total.add_(dots)
+        del dots
+    scores = reduce_groups(total, keys, grad_modes) if grad_modes else {}
+    del total
+    inputs = Inputs(rows=rows, seed=args.seed, loss=loss)
     scores |= {m: MODES[m].scores(inputs) for m in modes if MODES[m].scores is not None}
     for mode in modes:
         bad = (~torch.isfinite(scores[mode])).nonzero().flatten().tolist()
         if bad:
-            raise NonFiniteError(f"{features_dir}: mode {mode!r} gives NaN or Inf scores for pool rows "
-                                 f"{[pool[i].id for i in bad[:10]]} ({len(bad)} rows); the stores are finite, so "
-                                 "a dot product overflowed: use float32 stores (store_dtype: float32)")
+            raise NonFiniteError(f"{features_dir}: mode {mode!r} gives NaN or Inf scores for pool rows (0-based) "
+                                 f"{bad[:10]} ({len(bad)} rows); the stores are finite, so a dot product "
+                                 "overflowed: use float32 stores (store_dtype: float32)")
     return {m: scores[m] for m in modes}, weights, manifests
 
 
@@ -130,57 +139,80 @@ def _row_record(row: SFTRow) -> dict:
     return rec | {"subtask": row.subtask} | row.extra
 
 
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: str | list[str], args: SelectionArgs,
-                  pool: list[SFTRow], targets: list[PairRow], expected: dict | None = None,
+                  pool: PoolIndex, targets: list[PairRow], expected: dict | None = None,
                   force: bool = False) -> dict:
-    """Score, select and write every output file; returns ``{mode: summary}`` (+ ranking metrics)."""
+    """Score, select and write every output file; returns ``{mode: summary}`` (+ ranking metrics).
+
+    Memory: the stores are streamed (``chunk_rows`` rows at a time); per pool row only the scores,
+    ranks and masks (a few numbers per mode) and the subtask code and label are held. The outputs are
+    written row by row in one more pass over the pool file.
+    """
     modes = parse_modes(modes)
     out = Path(selection_dir)
-    ids = [r.id for r in pool]
-    count = budget(len(pool), args.fraction, args.k)  # fail on a bad budget before reading stores
-    scores, weights, manifests = compute_scores(features_dir, modes, args, pool, targets, expected)
+    count = budget(pool.rows, args.fraction, args.k)  # fail on a bad budget before reading stores
+    scores, weights, manifests = compute_scores(features_dir, modes, args, pool.rows, targets, expected)
     stores = [{"folder": m.get("adapter_path"), "split": m["split"], "epoch": m["epoch"],
                "adapter_sha256": m["adapter_sha256"], "manifest_sha256": json_digest(m)} for m in manifests]
-    summary: dict = {}
-    quota = [r.subtask for r in pool] if args.per_subtask_quota else None
     # what the selection is made of (not how it was computed: verify, plots and chunk_rows change no result)
     selection = {k: v for k, v in asdict(args).items() if k not in ("verify", "plots", "chunk_rows")}
-    data = {"pool_rows": len(pool), "targets": len(targets), "pool_sha256": rows_digest(pool),
+    data = {"pool_rows": pool.rows, "targets": len(targets), "pool_sha256": pool.digest,
             "targets_sha256": rows_digest(targets)}
+    settings = {mode: {"mode": mode, "selection": selection, "stores": stores} | data for mode in modes}
     for mode in modes:
-        settings = {"mode": mode, "selection": selection, "stores": stores} | data
-        mdir = out / mode
-        old = mdir / "manifest.json"
+        old = out / mode / "manifest.json"
         if old.exists() and not force:
             prev = json.loads(old.read_text())
-            if {k: prev.get(k) for k in settings} != settings:
-                raise StoreMismatchError(f"{mdir} holds a selection made with other settings; use another "
+            if {k: prev.get(k) for k in settings[mode]} != settings[mode]:
+                raise StoreMismatchError(f"{out / mode} holds a selection made with other settings; use another "
                                          "output_dir or --force to replace it")
-        keep = choose(scores[mode], ids, args.task, args.fraction, args.k, quota)
-        order = rank_order(scores[mode], ids)
-        rank = [0] * len(ids)
-        for r, i in enumerate(order, start=1):
-            rank[i] = r
-        _jsonl(mdir / "scores.jsonl", [{"id": ids[i], "score": float(scores[mode][i]), "rank": rank[i],
-                                         "selected": bool(keep[i])} for i in range(len(ids))])
-        _jsonl(mdir / "selected.jsonl", [_row_record(pool[i]) for i in range(len(ids)) if keep[i]])
-        _jsonl(mdir / "weights.jsonl", [{"id": t.id, "subtask": t.subtask,
-                                          "pi": {e: float(w[j]) for e, w in weights.items()}}
-                                         for j, t in enumerate(targets)])
-        atomic_write_text(old, json.dumps(dict(settings, selected_rows=int(keep.sum()), budget=count), indent=2))
-        summary[mode] = {"selected_rows": int(keep.sum()), "dir": str(mdir)}
-    labels = [r.extra.get(args.label) for r in pool] if args.label else []
-    harmful = torch.tensor([bool(v) for v in labels]) if labels and None not in labels else None
+    quota = pool.subtasks if args.per_subtask_quota else None
+    keep = {m: choose(scores[m], args.task, args.fraction, args.k, quota) for m in modes}
+    rank = {m: ranks(rank_order(scores[m])) for m in modes}
+    _write_rows(out, modes, pool, scores, rank, keep)
+    weights_text = "".join(json.dumps({"id": t.id, "subtask": t.subtask,
+                                       "pi": {e: float(w[j]) for e, w in weights.items()}}) + "\n"
+                           for j, t in enumerate(targets))
+    summary: dict = {}
+    for mode in modes:
+        atomic_write_text(out / mode / "weights.jsonl", weights_text)
+        selected = int(keep[mode].sum())
+        atomic_write_text(out / mode / "manifest.json",
+                          json.dumps(dict(settings[mode], selected_rows=selected, budget=count), indent=2))
+        summary[mode] = {"selected_rows": selected, "dir": str(out / mode)}
+    harmful = pool.labels if args.label else None
     if harmful is not None and harmful.any():  # ranking metrics need ground truth with some harmful rows
-        frac = args.fraction if args.fraction is not None else args.k / len(pool)
-        report = ranking_report(scores, harmful, [r.subtask for r in pool], frac)
+        frac = args.fraction if args.fraction is not None else args.k / pool.rows
+        report = ranking_report(scores, harmful, pool.subtasks, pool.subtask_names, frac)
         atomic_write_text(out / "ranking_metrics.json", json.dumps(report, indent=2))
         summary["ranking_metrics"] = report
         if args.plots:
             plot_roc(scores, harmful, out / "roc.png")
             plot_score_distributions(scores, harmful, out / "score_distributions.png")
     return summary
+
+
+def _write_rows(out: Path, modes: list[str], pool: PoolIndex, scores: dict, rank: dict, keep: dict,
+                block: int = 65536) -> None:
+    """``scores.jsonl`` and ``selected.jsonl`` of every mode, row by row in one pass over the pool file.
+
+    Per-row numbers are turned into Python values ``block`` rows at a time, so memory stays bounded.
+    """
+    with ExitStack() as stack:
+        files = {}
+        for mode in modes:
+            for name in ("scores", "selected"):
+                tmp = stack.enter_context(atomic_file(out / mode / f"{name}.jsonl"))
+                files[mode, name] = stack.enter_context(tmp.open("w"))
+        values: dict = {}
+        for i, row in enumerate(pool.iter_rows()):
+            if i % block == 0:
+                values = {m: [t[i: i + block].tolist() for t in (scores[m], rank[m], keep[m])] for m in modes}
+            record = None
+            for mode in modes:
+                score, r, kept = (v[i % block] for v in values[mode])
+                files[mode, "scores"].write(json.dumps({"id": row.id, "score": score, "rank": r, "selected": kept})
+                                            + "\n")
+                if kept:
+                    record = record or json.dumps(_row_record(row))
+                    files[mode, "selected"].write(record + "\n")

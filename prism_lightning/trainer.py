@@ -7,11 +7,19 @@ from pathlib import Path
 import lightning as L
 
 from prism_lightning.config import PipelineArgs, SelectionArgs
+from prism_lightning.data.formats import PoolIndex, load_pairs, rows_digest
 from prism_lightning.influence.scoring import ModeName
 from prism_lightning.pipeline import run_pipeline
 from prism_lightning.select import run_selection
 
 DEFAULT_SELECTION = SelectionArgs()  # never mutated (stages use ``dataclasses.replace``)
+
+
+def selection_inputs(datamodule, selection: SelectionArgs) -> tuple[PoolIndex, list]:
+    """The pool as a streamed index (subtasks, labels, digest; no tokenization) and the target pairs."""
+    hp = datamodule.hparams
+    pool = PoolIndex.scan(hp.pool, datamodule.cols, selection.label)
+    return pool, (load_pairs(hp.target, datamodule.cols) if hp.target else [])
 
 
 class PrismTrainer(L.Trainer):
@@ -45,11 +53,12 @@ class PrismTrainer(L.Trainer):
             selection: budget and task (forward / repair).
             force: replace an existing selection made with other settings.
         """
-        datamodule.load()
         root = Path(model.output_dir)
-        summary = run_selection(root / "features", root / "selection", modes or ["prism"],
-                                selection, datamodule.pool_rows, datamodule.target_rows,
-                                expected=model.scoring_expectations(datamodule), force=force)
+        pool, targets = selection_inputs(datamodule, selection)
+        expected = model.scoring_expectations(
+            {"pool": pool.digest, "target": rows_digest(targets)}, datamodule.tokenization())
+        summary = run_selection(root / "features", root / "selection", modes or ["prism"], selection, pool,
+                                targets, expected=expected, force=force)
         for mode, info in summary.items():
             if mode != "ranking_metrics":
                 print(f"{mode}: {info['selected_rows']} rows -> {info['dir']}/selected.jsonl")

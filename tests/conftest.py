@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # in-process CLI calls raise the project's errors (the tests of the one-line output unset it)
 os.environ.setdefault("PRISM_DEBUG", "1")
+os.environ.setdefault("PRISM_CACHE", tempfile.mkdtemp(prefix="prism-cache-"))  # tokenization cache of this session
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _untracked() -> set[str]:
+    """Files in the repository that git does not track (ignored ones included), but for caches and venvs."""
+    import subprocess
+
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                         capture_output=True, text=True)
+    skip = (".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".egg-info", ".venv-peers")
+    return {line[3:] for line in out.stdout.splitlines()
+            if line[:2] in ("??", "!!") and not any(part in line for part in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_clean():
+    """No test writes into the repository: runs, checkpoints and configs go to temporary folders."""
+    before = _untracked()
+    yield
+    written = sorted(_untracked() - before)
+    assert not written, f"tests wrote into the repository: {written[:10]}"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

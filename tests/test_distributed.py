@@ -9,6 +9,7 @@ from conftest import REPO, run_cli
 from test_features import extract
 
 from prism_lightning.config import ProjectionArgs, SelectionArgs
+from prism_lightning.data.formats import PoolIndex
 from prism_lightning.select import run_selection
 
 
@@ -16,7 +17,8 @@ from prism_lightning.select import run_selection
 def test_ddp_ranks_serve_exactly_the_selection(warmed, small_data, tmp_path):
     dm = extract(warmed, small_data, tmp_path, projection=ProjectionArgs(kind="sjlt", dim=256))
     sel = tmp_path / "selection"
-    run_selection(tmp_path / "features", sel, ["prism"], SelectionArgs(fraction=0.25), dm.pool_rows, dm.target_rows)
+    run_selection(tmp_path / "features", sel, ["prism"], SelectionArgs(fraction=0.25),
+                  PoolIndex.from_rows(dm.pool_rows), dm.target_rows)
     cmd = ["fit", "--config", "configs/tiny/finetune.yaml",
            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
            "--trainer.logger", "false", "--trainer.limit_val_batches", "0",

@@ -23,7 +23,7 @@ from test_features import extract
 from prism_lightning.cli import main
 from prism_lightning.config import Experiment, PipelineArgs, ProjectionArgs, SelectionArgs
 from prism_lightning.data import PrismDataModule
-from prism_lightning.data.formats import load_pairs, load_sft
+from prism_lightning.data.formats import PoolIndex, load_pairs, load_sft
 from prism_lightning.errors import (
     DataFormatError,
     LockedError,
@@ -196,7 +196,7 @@ def store(warmed, small_data, tmp_path):
 
 def _select(root, dm, verify=True, expected=None, **kw):
     return run_selection(root / "features", root / "selection", ["prism", "loss"],
-                         SelectionArgs(fraction=0.25, verify=verify), dm.pool_rows, dm.target_rows,
+                         SelectionArgs(fraction=0.25, verify=verify), PoolIndex.from_rows(dm.pool_rows), dm.target_rows,
                          expected=expected, **kw)
 
 
@@ -268,17 +268,17 @@ def test_another_pool_of_the_same_size_is_refused(store, small_data, tmp_path_fa
     other = PrismDataModule(pool=str(write_jsonl(tmp_path_factory.mktemp("o") / "pool.jsonl", rows)),
                             target=str(small_data["target_pairs"]), eval_sft=None, eval_pairs=None, max_length=64)
     other.setup("predict")
-    expected = {"dataset_fingerprint": {"pool": other.fingerprint("pool"), "target": other.fingerprint("target")}}
+    expected = {"source_sha256": {"pool": other.source_digest("pool"), "target": other.source_digest("target")}}
     with pytest.raises(StoreMismatchError, match=r"extracted from other pool rows than data.pool now holds"):
         run_selection(root / "features", root / "selection", ["prism"], SelectionArgs(fraction=0.25),
-                      other.pool_rows, other.target_rows, expected=expected)
+                      PoolIndex.from_rows(other.pool_rows), other.target_rows, expected=expected)
 
 
 def test_a_changed_warmup_adapter_is_refused(store, warmed):
     root, dm = store
     module = GradientFeatureModule(checkpoint_dir=str(warmed / "warmup"), output_dir=str(root),
                                    projection=ProjectionArgs(kind="sjlt", dim=64))
-    expected = module.scoring_expectations(dm)
+    expected = module.scoring_expectations({"pool": dm.source_digest("pool")}, dm.tokenization())
     assert set(expected["adapter_sha256"]) == {1, 2}
     _select(root, dm, expected=expected)  # the true warmup passes
     expected["adapter_sha256"][2] = "0" * 64  # as if epoch-2's adapter file had been retrained since
@@ -304,7 +304,7 @@ def test_a_rerun_with_other_settings_is_refused(store):
     _select(root, dm)
     with pytest.raises(StoreMismatchError, match=r"holds a selection made with other settings"):
         run_selection(root / "features", root / "selection", ["prism"], SelectionArgs(fraction=0.5),
-                      dm.pool_rows, dm.target_rows)
+                      PoolIndex.from_rows(dm.pool_rows), dm.target_rows)
     with Stage(root / "st", {"a": 1}, False):
         pass
     with pytest.raises(StageMismatchError, match=r"was made with other settings"):

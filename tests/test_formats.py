@@ -6,6 +6,7 @@ import json
 
 import datasets
 import pytest
+import torch
 from conftest import write_jsonl
 
 from prism_lightning.config import ModelArgs
@@ -156,3 +157,126 @@ def test_warmup_subset_is_seeded_fraction(small_data):
                             warmup_fraction=0.25, seed=4)
     other.setup("fit")
     assert other.warmup_indices() != idx
+
+
+LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+@pytest.fixture()
+def chat_tokenizer(tmp_path):
+    """The tiny tokenizer with a Llama-3-style template (it writes BOS) and BOS added to plain text."""
+    from tokenizers.processors import TemplateProcessing
+
+    from prism_lightning.config import ModelArgs
+    from prism_lightning.modeling import load_tokenizer
+
+    tok = load_tokenizer(ModelArgs())
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|end|>"]})
+    tok.chat_template = LLAMA3_STYLE
+    bos = [("<s>", tok.bos_token_id)]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=bos)
+    return tok
+
+
+def test_chat_rows_render_like_trl_with_one_bos(chat_tokenizer):
+    """Training: template(prompt + answer), loss on what follows template(prompt, generation prompt); evaluation
+    tokenizes the prompt the same way. One BOS each, where a text-then-template pipeline would put two."""
+    from prism_lightning.data.tokenize import prompt_ids
+
+    tok = chat_tokenizer
+    prompt = [{"role": "user", "content": "Is 47 more than 52?"}]
+    enc = Encoder(tok, 256).encode(prompt, "No.", "row 1")
+    full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": "No."}], tokenize=True, return_dict=False)
+    assert enc.input_ids == list(full) and enc.input_ids.count(tok.bos_token_id) == 1
+    answer = tok.decode(enc.input_ids[enc.prompt_len:])
+    assert answer == "No.<|end|>"  # the answer and the template's end of turn carry the loss; the prompt does not
+    assert tok.decode(enc.input_ids[: enc.prompt_len]).endswith("<|start|>assistant\n")
+    ids = prompt_ids(tok, prompt)
+    assert ids == enc.input_ids[: enc.prompt_len] and ids.count(tok.bos_token_id) == 1
+    text = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))["input_ids"]
+    assert text.count(tok.bos_token_id) == 2  # what rendering to text and tokenizing again would give
+
+
+def test_evaluation_generates_from_the_training_prompt_ids(chat_tokenizer, monkeypatch):
+    from prism_lightning.eval.generation import greedy_generate
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, **kw):
+            seen.append((input_ids, attention_mask))
+            return torch.cat([input_ids, torch.full((len(input_ids), 1), chat_tokenizer.eos_token_id)], dim=1)
+
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A longer question here"}]]
+    greedy_generate(Recorder(), chat_tokenizer, prompts)
+    ids, mask = seen[0]
+    from prism_lightning.data.tokenize import prompt_ids
+
+    for row, m, p in zip(ids.tolist(), mask.tolist(), prompts):
+        real = [t for t, k in zip(row, m) if k]
+        assert real == prompt_ids(chat_tokenizer, p) and real.count(chat_tokenizer.bos_token_id) == 1
+        assert m == sorted(m)  # left padding
+
+
+def test_load_dataset_specs(tmp_path):
+    """Data files through a builder, a folder of split files, and a saved DatasetDict: a split is required."""
+    from prism_lightning.config import DatasetSpec
+
+    rows = [{"id": f"r{i}", "prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:1])
+    got = load_sft(DatasetSpec(path="json", data_files=str(tmp_path / "train.jsonl"), split="train"))
+    assert [r.id for r in got] == ["r0", "r1", "r2"]
+    with pytest.raises(DataFormatError, match=r"has splits \['test', 'train'\]; choose one with split"):
+        load_sft(DatasetSpec(path=str(tmp_path)))
+    assert len(load_sft({"path": str(tmp_path), "split": "test"})) == 1
+    datasets.DatasetDict({"a": datasets.Dataset.from_list(rows), "b": datasets.Dataset.from_list(rows[:2])}) \
+        .save_to_disk(str(tmp_path / "saved"))
+    assert len(load_sft(DatasetSpec(path=str(tmp_path / "saved"), split="b"))) == 2
+    with pytest.raises(DataFormatError, match=r"no split 'c'"):
+        load_sft(DatasetSpec(path=str(tmp_path / "saved"), split="c"))
+
+
+def test_a_spec_in_a_config_reaches_the_data_module(tmp_path):
+    from prism_lightning.cli import main
+    from prism_lightning.config import DatasetSpec
+
+    write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "q", "completion": "a"}])
+    spec = json.dumps({"path": "json", "data_files": str(tmp_path / "pool.jsonl"), "split": "train"})
+    cli = main(["--config", "configs/tiny/warmup.yaml", "--data.pool", spec, "--model.init_args.output_dir",
+                str(tmp_path)], run=False)
+    pool = cli.datamodule.hparams.pool  # the CLI hands dataclass settings over as dicts
+    assert DatasetSpec(**pool) == DatasetSpec("json", "train", data_files=str(tmp_path / "pool.jsonl"))
+    cli.datamodule.load()
+    assert [r.completion for r in cli.datamodule.pool_rows] == ["a"]
+
+
+def test_tokenization_is_cached_and_keyed_by_its_settings(small_data, tmp_path, monkeypatch):
+    """A second data module with the same rows and settings loads the cached ids without tokenizing; another
+    max_length is another cache entry."""
+    import prism_lightning.data.encoding as encoding
+    from prism_lightning.data import PrismDataModule
+
+    def make(max_length):
+        return PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+                               eval_pairs=None, max_length=max_length, cache_dir=str(tmp_path))
+
+    first = make(64)
+    first.load()
+    assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 3  # pool, chosen, rejected
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(encoding, "_encode_batch", refuse)
+    again = make(64)
+    again.load()
+    assert [again.pool_encoded[i] for i in range(3)] == [first.pool_encoded[i] for i in range(3)]
+    assert again.fingerprint("pool") == first.fingerprint("pool")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        make(48).load()

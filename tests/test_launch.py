@@ -32,7 +32,9 @@ def check_one_epoch(out) -> None:
 
 
 def test_torchrun_script_fsdp(small_data, tmp_path):
-    env = dict(os.environ, NPROC="2", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    """Runs with an interpreter that is not on PATH (as from an unactivated venv): the script calls it directly."""
+    env = dict(os.environ, NPROC="2", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               PYTHON=sys.executable, PATH="/usr/bin:/bin")
     out = subprocess.run(["bash", "tools/launch/torchrun.sh", "fit", "configs/tiny/warmup.yaml",
                           "--trainer.strategy", "fsdp2", *tiny_warmup_args(small_data, tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -26,7 +26,8 @@ def test_sign_convention_with_real_features(warmed, small_data, tmp_path):
     dm = extract(warmed, data, tmp_path, projection=ProjectionArgs(kind="sjlt", dim=4096), normalize=True,
                  pool_preconditioner="sgd")
     dm.setup("predict")
-    scores, _, _ = compute_scores(tmp_path / "features", ["prism"], SelectionArgs(), dm.pool_rows, dm.target_rows)
+    scores, _, _ = compute_scores(tmp_path / "features", ["prism"], SelectionArgs(), len(dm.pool_rows),
+                                  dm.target_rows)
     s = scores["prism"]
     chosen, rejected = s[0::2], s[1::2]
     # each pair's own direction: <u+, pi (u+ - u-)> = pi (1 - cos) > 0 and <u-, .> < 0, exactly

@@ -10,10 +10,10 @@ import torch
 from conftest import TOL
 
 from prism_lightning.config import SelectionArgs
-from prism_lightning.data.formats import PairRow, SFTRow
+from prism_lightning.data.formats import PairRow, PoolIndex, SFTRow
 from prism_lightning.errors import StoreMismatchError
 from prism_lightning.influence.scoring import MODES
-from prism_lightning.influence.selection import budget, choose
+from prism_lightning.influence.selection import budget, choose, rank_order, ranks
 from prism_lightning.select import compute_scores, run_selection
 from prism_lightning.store.feature_store import mark_complete, write_shard
 
@@ -88,7 +88,7 @@ def test_scores_equal_double_loop(tmp_path, mode, per_subtask):
     data = fake_stores(tmp_path)
     pool, targets = rows()
     args = SelectionArgs(per_subtask_direction=per_subtask, chunk_rows=7)
-    scores, weights, _ = compute_scores(tmp_path, [mode], args, pool, targets)
+    scores, weights, _ = compute_scores(tmp_path, [mode], args, len(pool), targets)
     torch.testing.assert_close(scores[mode], direct(mode, data, per_subtask), **TOL)
     lr, _, _, _, lc, lrj, _ = data[1]
     torch.testing.assert_close(weights["epoch-1"], torch.sigmoid(lc - lrj), **TOL)
@@ -97,27 +97,27 @@ def test_scores_equal_double_loop(tmp_path, mode, per_subtask):
 def test_loss_and_random_modes(tmp_path):
     data = fake_stores(tmp_path)
     pool, targets = rows()
-    scores, _, _ = compute_scores(tmp_path, ["loss", "random"], SelectionArgs(seed=3), pool, targets)
+    scores, _, _ = compute_scores(tmp_path, ["loss", "random"], SelectionArgs(seed=3), len(pool), targets)
     want = -sum(lr * loss for lr, *_, loss in data.values())
     torch.testing.assert_close(scores["loss"], want, **TOL)
-    again, _, _ = compute_scores(tmp_path, ["random"], SelectionArgs(seed=3), pool, targets)
+    again, _, _ = compute_scores(tmp_path, ["random"], SelectionArgs(seed=3), len(pool), targets)
     assert torch.equal(scores["random"], again["random"])
 
 
 def test_chunked_equals_one_shot_and_lr_weighting(tmp_path):
     fake_stores(tmp_path / "x")
     pool, targets = rows()
-    one, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=10_000), pool, targets)
-    many, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=3), pool, targets)
+    one, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=10_000), len(pool), targets)
+    many, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=3), len(pool), targets)
     for m in MODES:
         torch.testing.assert_close(one[m], many[m], **TOL)
     # lr weighting: scores from both epochs = lr1 * s(epoch 1) + lr2 * s(epoch 2)
-    e1, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[1]), pool, targets)
-    e2, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[2]), pool, targets)
+    e1, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
+    e2, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[2]), len(pool), targets)
     torch.testing.assert_close(one["prism"], e1["prism"] + e2["prism"], **TOL)
     fake_stores(tmp_path / "y", lrs=(1.0, 0.0))
-    only_first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), pool, targets)
-    first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), pool, targets)
+    only_first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), len(pool), targets)
+    first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
     torch.testing.assert_close(only_first["prism"], first["prism"], **TOL)
 
 
@@ -125,10 +125,10 @@ def test_store_mismatch_refused(tmp_path):
     fake_stores(tmp_path)
     pool, targets = rows()
     with pytest.raises(StoreMismatchError, match="projection"):
-        compute_scores(tmp_path, ["prism"], SelectionArgs(), pool, targets,
+        compute_scores(tmp_path, ["prism"], SelectionArgs(), len(pool), targets,
                        expected={"projection": {"kind": "sjlt"}})
     with pytest.raises(StoreMismatchError, match="another pool"):
-        compute_scores(tmp_path, ["prism"], SelectionArgs(), pool[:5], targets)
+        compute_scores(tmp_path, ["prism"], SelectionArgs(), 5, targets)
 
 
 def test_budget_arithmetic():
@@ -141,16 +141,16 @@ def test_budget_arithmetic():
 
 def test_choose_forward_repair_ties_and_quota():
     scores = torch.tensor([1.0, 3.0, 3.0, -2.0, 0.0, -5.0])
-    ids = ["f", "b", "a", "d", "e", "c"]
-    fwd = choose(scores, ids, "forward", k=2)
+    fwd = choose(scores, "forward", k=2)
     assert fwd.tolist() == [False, True, True, False, False, False]
-    tie = choose(scores, ids, "forward", k=1)  # tie at 3.0 broken by id: "a" wins
-    assert tie.tolist() == [False, False, True, False, False, False]
-    rep = choose(scores, ids, "repair", k=2)
+    tie = choose(scores, "forward", k=1)  # tie at 3.0 broken by row order: row 1 wins
+    assert tie.tolist() == [False, True, False, False, False, False]
+    rep = choose(scores, "repair", k=2)
     assert rep.tolist() == [True, True, True, False, True, False]
-    subs = ["x", "x", "y", "y", "y", "y"]
-    quota = choose(scores, ids, "forward", k=3, subtasks=subs)
-    assert quota.sum() == 3 and quota[[0, 1]].sum() == 1  # 1 of 2 "x" rows, 2 of 4 "y" rows
+    subs = torch.tensor([0, 0, 1, 1, 1, 1])
+    quota = choose(scores, "forward", k=3, subtasks=subs)
+    assert quota.sum() == 3 and quota[[0, 1]].sum() == 1  # 1 of 2 rows of subtask 0, 2 of 4 of subtask 1
+    assert ranks(rank_order(scores)).tolist() == [3, 1, 2, 5, 4, 6]
 
 
 def test_run_selection_writes_files_and_metrics(tmp_path):
@@ -160,7 +160,8 @@ def test_run_selection_writes_files_and_metrics(tmp_path):
         r.extra["harmful"] = i % 5 == 0 and i < 20
         r.subtask = "bad" if i < 20 else "good"
     args = SelectionArgs(task="repair", fraction=0.2)
-    summary = run_selection(tmp_path / "features", tmp_path / "sel", "prism,less,loss,random", args, pool, targets)
+    index = PoolIndex.from_rows(pool, label="harmful")
+    summary = run_selection(tmp_path / "features", tmp_path / "sel", "prism,less,loss,random", args, index, targets)
     for mode in ("prism", "less", "loss", "random"):
         d = tmp_path / "sel" / mode
         scores = [json.loads(x) for x in (d / "scores.jsonl").read_text().splitlines()]
@@ -180,4 +181,19 @@ def test_run_selection_writes_files_and_metrics(tmp_path):
     assert (tmp_path / "sel" / "roc.png").stat().st_size > 1000
     with pytest.raises(StoreMismatchError, match="other settings"):
         run_selection(tmp_path / "features", tmp_path / "sel", "prism", SelectionArgs(task="forward", fraction=0.2),
-                      pool, targets)
+                      index, targets)
+
+
+def test_auroc_equals_the_pairwise_count_and_torchmetrics():
+    """The rank-statistic AUROC (one sort, ties at average rank) equals P(score+ > score-) + P(tie) / 2."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from prism_lightning.eval.ranking import auroc
+
+    g = torch.Generator().manual_seed(0)
+    for scores in (torch.randint(0, 6, (200,), generator=g).double(), torch.randn(300, generator=g).double()):
+        labels = torch.rand(len(scores), generator=g) < 0.3
+        pos, neg = scores[labels], scores[~labels]
+        pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+        assert auroc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
+        assert auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels.long())), abs=1e-6)

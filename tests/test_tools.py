@@ -83,8 +83,9 @@ def test_bench_select_scale_quick(tmp_path):
     out = subprocess.run([sys.executable, "tools/bench_select_scale.py", "--quick", "--dir", str(tmp_path / "s")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["store_bytes"] >= 20_000 * 1024 * 2 and summary["peak_rss_mb"] > 0
+    result = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
+    assert result["rows"] == 20_000 and result["store_bytes"] >= 20_000 * 1024 * 2
+    assert result["peak_rss_mb"] > 0 and result["rows_per_s"] > 0
 
 
 @pytest.mark.slow

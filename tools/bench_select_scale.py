@@ -1,17 +1,18 @@
-"""Scoring a large pool streams its feature shards: peak RAM stays near ``chunk_rows x k``, not ``rows x k``.
+"""The select stage at scale: peak RSS stays flat as the pool grows, and rows/s.
 
-Run: ``python tools/bench_select_scale.py --rows 1000000 --dim 8192`` (writes a synthetic store of
-``rows x dim x 2`` bytes in bf16 under ``--dir``, then scores it). ``--quick`` is a small dry run.
+Run: ``python tools/bench_select_scale.py --rows 100000,2000000 --dim 1024`` (for each size, writes a
+synthetic bf16 feature store of ``rows x dim x 2`` bytes and a JSONL pool under ``--dir``, then runs the
+whole selection in a fresh process). ``--quick`` is a small dry run (20,000 rows).
 
-It writes random unit-norm pool features and 64 target pairs as a feature store (the format the
-predict stage writes), then runs ``compute_scores`` for ``prism`` and ``less`` in a fresh process,
-and prints the store size, the scoring time, and the scoring process's peak RSS next to the
-cost formula of README "Scaling out":
+What runs is what ``python -m prism_lightning select`` runs after parsing: ``PoolIndex.scan`` of the pool
+file (one streamed pass: ids, subtasks, labels, digest; no tokenization), the stores' sha256 check,
+streamed scoring of ``prism``, ``less``, ``loss`` and ``random``, ranking, and every output file written
+row by row (``scores.jsonl``, ``selected.jsonl`` per mode, ranking metrics). Per pool row the process keeps
+a few numbers per mode; the formula of README "Scaling out":
 
-    store bytes      = rows x k x bytes(store_dtype)        per checkpoint (+ 8 bytes/row of loss, index)
-    scoring RAM      ~ shard_size x k x bytes               (one shard read from disk)
-                     + min(chunk_rows, shard_size) x k x 8  (its float64 chunk)
-                     + rows x (directions + 2) x 8          (float64 scores, norms)
+    store bytes   = rows x k x bytes(store_dtype)                per checkpoint
+    selection RAM ~ shard_size x k x bytes + chunk x k x 8       (one shard and its float64 chunk)
+                  + rows x (3 modes' scores + ranks + 2) x 8     (what grows with the pool)
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import torch
 from prism_lightning.store.feature_store import mark_complete, write_shard
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODES = ["prism", "less", "loss", "random"]
 
 
-def write_store(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs: int = 64) -> int:
-    """Synthetic ``epoch-1/{pool,target}`` stores; returns the pool store's size on disk in bytes."""
+def write_inputs(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs: int = 64) -> int:
+    """Synthetic ``features/epoch-1/{pool,target}`` stores, ``pool.jsonl`` and ``target.jsonl``; returns the
+    pool store's size in bytes. 5% of the pool rows of skill ``b`` are marked harmful."""
     gen = torch.Generator().manual_seed(0)
     for split, n in (("pool", rows), ("target", pairs)):
-        folder = root / "epoch-1" / split
+        folder = root / "features" / "epoch-1" / split
         shutil.rmtree(folder, ignore_errors=True)
         size = shard if split == "pool" else n
         for s in range(0, (n + size - 1) // size):
@@ -57,59 +60,78 @@ def write_store(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs: 
                     "dtype": dtype, "model": "synthetic", "normalize": True, "epoch": 1, "adapter_sha256": "synthetic",
                     "projection": {"kind": "sjlt", "dim": dim, "seed": 0}}
         mark_complete(folder, settings, -(-n // size))
-    return sum(p.stat().st_size for p in (root / "epoch-1" / "pool").glob("*"))
+    with open(root / "pool.jsonl", "w") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"id": f"row-{i:08d}", "prompt": f"What is {i % 97}+{i % 89}?",
+                                 "completion": str(i % 97 + i % 89), "subtask": "ab"[i % 2],
+                                 "harmful": i % 2 == 1 and i % 40 == 1}) + "\n")
+    with open(root / "target.jsonl", "w") as fh:
+        for i in range(pairs):
+            fh.write(json.dumps({"id": f"t{i}", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    return sum(p.stat().st_size for p in (root / "features" / "epoch-1" / "pool").glob("*"))
 
 
-def score(root: Path, rows: int, chunk_rows: int) -> dict:
+def select(root: Path, chunk_rows: int) -> dict:
+    """The selection stage on the files under ``root``; its time and this process's peak RSS."""
     from prism_lightning.config import SelectionArgs
-    from prism_lightning.data.formats import PairRow
-    from prism_lightning.select import compute_scores
+    from prism_lightning.data.formats import PoolIndex, load_pairs
+    from prism_lightning.select import run_selection
 
-    targets = [PairRow(id=str(i), prompt="", chosen="a", rejected="b", subtask="t") for i in range(64)]
     start = time.perf_counter()
-    args = SelectionArgs(chunk_rows=chunk_rows, verify=False)  # scoring alone; the hash check is a separate read
-    scores, _, _ = compute_scores(root, ["prism", "less"], args, range(rows), targets)
+    args = SelectionArgs(task="repair", fraction=0.05, chunk_rows=chunk_rows, plots=False)
+    pool = PoolIndex.scan(root / "pool.jsonl", label=args.label)
+    run_selection(root / "features", root / "selection", MODES, args, pool, load_pairs(root / "target.jsonl"))
     secs = time.perf_counter() - start
-    assert all(len(s) == rows and torch.isfinite(s).all() for s in scores.values())
-    return {"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    with open(root / "selection" / "prism" / "scores.jsonl") as fh:
+        assert sum(1 for _ in fh) == pool.rows
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": pool.rows, "seconds": secs, "peak_rss_mb": peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--rows", default="100000,2000000", help="pool sizes, comma-separated")
+    parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--chunk-rows", type=int, default=8192)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
     parser.add_argument("--dir", default="runs/bench-select-scale")
     parser.add_argument("--quick", action="store_true", help="20,000 rows x k=1024 (a dry run)")
-    parser.add_argument("--score-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--select-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.dim, args.shard_size, args.chunk_rows = 20_000, 1024, 2048, 4096
-    root = Path(args.dir)
-    if args.score_only:  # child process: its peak RSS is the scoring's alone
-        print(json.dumps(score(root, args.rows, args.chunk_rows)))
+        args.rows, args.dim, args.shard_size, args.chunk_rows = "20000", 1024, 2048, 4096
+    if args.select_only:  # child process: its peak RSS is the selection's alone
+        print(json.dumps(select(Path(args.dir), args.chunk_rows)))
         return
-    start = time.perf_counter()
-    size = write_store(root, args.rows, args.dim, args.shard_size, args.dtype)
-    written = time.perf_counter() - start
-    cmd = [sys.executable, __file__, "--score-only", "--rows", str(args.rows), "--chunk-rows", str(args.chunk_rows),
-           "--dir", str(root)]
-    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    b = BYTES[args.dtype]
-    formula_store = args.rows * args.dim * b
-    formula_ram = (args.shard_size * args.dim * b + min(args.chunk_rows, args.shard_size) * args.dim * 8
-                   + args.rows * (2 + 2) * 8)
-    print(f"rows={args.rows:,} k={args.dim} dtype={args.dtype} chunk_rows={args.chunk_rows} "
-          f"threads={torch.get_num_threads()}")
-    print(f"pool store on disk: {size / 2**30:.2f} GiB (formula rows x k x {b} B = {formula_store / 2**30:.2f} GiB), "
-          f"written in {written:.0f} s")
-    print(f"scoring prism+less: {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MiB "
-          f"(streamed part by formula: {formula_ram / 2**20:.0f} MiB; store / peak RSS = "
-          f"{size / 2**20 / res['peak_rss_mb']:.1f}x)")
-    print(json.dumps({"store_bytes": size, "score_seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"]}))
-    shutil.rmtree(root)
+    b, results = BYTES[args.dtype], []
+    print(f"k={args.dim} dtype={args.dtype} shard_size={args.shard_size} chunk_rows={args.chunk_rows} "
+          f"threads={torch.get_num_threads()} modes={','.join(MODES)}")
+    for rows in (int(r) for r in args.rows.split(",")):
+        root = Path(args.dir) / f"rows-{rows}"
+        start = time.perf_counter()
+        size = write_inputs(root, rows, args.dim, args.shard_size, args.dtype)
+        written = time.perf_counter() - start
+        cmd = [sys.executable, __file__, "--select-only", "--chunk-rows", str(args.chunk_rows), "--dir", str(root)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        formula = (args.shard_size * args.dim * b + min(args.chunk_rows, args.shard_size) * args.dim * 8
+                   + rows * (len(MODES) + 2) * 8) / 2**20
+        print(f"rows={rows:>10,}  store {size / 2**30:6.2f} GiB (written in {written:.0f} s)  "
+              f"select {res['seconds']:6.1f} s = {rows / res['seconds']:>9,.0f} rows/s  "
+              f"peak RSS {res['peak_rss_mb']:6.0f} MiB  "
+              f"(formula's streamed + per-row part {formula:.0f} MiB)")
+        results.append({"rows": rows, "store_bytes": size, "select_seconds": res["seconds"],
+                        "rows_per_s": rows / res["seconds"], "peak_rss_mb": res["peak_rss_mb"]})
+        shutil.rmtree(root)
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        print(f"peak RSS {last['peak_rss_mb']:.0f} MiB at {last['rows']:,} rows vs {first['peak_rss_mb']:.0f} MiB at "
+              f"{first['rows']:,}: x{last['peak_rss_mb'] / first['peak_rss_mb']:.2f} "
+              f"for x{last['rows'] / first['rows']:.0f} rows")
+    print(json.dumps({"results": results}))
 
 
 if __name__ == "__main__":

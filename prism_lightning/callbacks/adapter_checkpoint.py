@@ -64,13 +64,20 @@ def save_reference_checkpoint(module, optimizer, folder: Path, info: dict, write
     weights, moments = gather_trainable(model), adam_moments(optimizer, names)
     if not write:
         return folder
+    return write_reference_checkpoint(folder, lambda tmp: save_trainable(model, weights, tmp), moments, info)
+
+
+def write_reference_checkpoint(folder: Path, write_weights, moments: dict[str, torch.Tensor], info: dict) -> Path:
+    """The one writer of ``epoch-N/``: ``write_weights(tmp) -> weights file``, Adam moments keyed by parameter
+    name (``<name>.exp_avg``/``.exp_avg_sq``), and ``checkpoint.json`` (``info`` plus the weights' sha256),
+    atomically."""
     with atomic_folder(folder) as tmp:
-        path = save_trainable(model, weights, tmp)
+        path = write_weights(tmp)
         if moments:
-            save_file(moments, str(tmp / "optimizer.safetensors"))
+            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
         info = dict(info, adapter_sha256=file_sha256(path), package_version=__version__)
         (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
-    return folder
+    return Path(folder)
 
 
 class ReferenceCheckpoint(L.Callback):

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from prism_lightning import DEMO_DATA
-from prism_lightning.config import Columns, ModelArgs
+from prism_lightning.config import Columns, DataSource, ModelArgs
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
-from prism_lightning.data.formats import PairRow, SFTRow, load_pairs, load_sft, rows_digest
+from prism_lightning.data.encoding import EncodedRows, encode_rows
+from prism_lightning.data.formats import load_pairs, load_sft, rows_digest
 from prism_lightning.data.samplers import GlobalBatchSampler, ShardBatches
-from prism_lightning.data.tokenize import Encoder
 from prism_lightning.errors import DataFormatError
+from prism_lightning.io import json_digest
 from prism_lightning.modeling import load_tokenizer
 from prism_lightning.store.feature_store import PredictTask, num_shards
 
@@ -27,7 +26,9 @@ class PrismDataModule(L.LightningDataModule):
     """Pool, target pairs and evaluation sets for every stage.
 
     Args:
-        pool: candidate SFT rows (``id``, ``prompt``, ``completion``, ``subtask``; or messages/text).
+        pool: candidate SFT rows (``id``, ``prompt``, ``completion``, ``subtask``; or messages/text): a file
+            or folder, or a ``load_dataset`` spec (``{path: json, data_files: ..., split: train}``, a hub id
+            with ``name``/``split``, a ``save_to_disk`` folder with ``split``). So are the three below.
         target: target preference pairs (``prompt``, ``chosen``, ``rejected``, ``subtask``).
         eval_sft: held-out SFT rows for validation/test (exact match, loss).
         eval_pairs: held-out preference pairs for validation/test (preference accuracy).
@@ -46,20 +47,23 @@ class PrismDataModule(L.LightningDataModule):
         selection_file: rows to train on with ``train_on: selection``: a ``selected.jsonl`` written by
             ``python -m prism_lightning select`` (``<output_dir>/selection/<mode>/selected.jsonl``),
             or a ``.txt`` file of ids, one per line.
+        cache_dir: where tokenized splits are cached (default ``$PRISM_CACHE`` or ``~/.cache/prism_lightning``).
+        tokenize_workers: processes for the tokenization ``datasets.map`` (its ``num_proc``).
 
     ``set_train_rows(indices)`` replaces the training rows; a callback can call it between epochs
     (with ``trainer.reload_dataloaders_every_n_epochs: 1`` so the next epoch's loader is rebuilt).
     """
 
-    def __init__(self, pool: str = f"{DEMO_DATA}/pool.jsonl",
-                 target: str | None = f"{DEMO_DATA}/target_pairs.jsonl",
-                 eval_sft: str | None = f"{DEMO_DATA}/eval.jsonl",
-                 eval_pairs: str | None = f"{DEMO_DATA}/eval_pairs.jsonl",
+    def __init__(self, pool: DataSource = f"{DEMO_DATA}/pool.jsonl",
+                 target: DataSource | None = f"{DEMO_DATA}/target_pairs.jsonl",
+                 eval_sft: DataSource | None = f"{DEMO_DATA}/eval.jsonl",
+                 eval_pairs: DataSource | None = f"{DEMO_DATA}/eval_pairs.jsonl",
                  tokenizer: str | None = None, columns: Columns | None = None,
                  train_on: Literal["warmup", "pool", "selection"] = "warmup", warmup_fraction: float = 0.05,
                  seed: int = 0, max_length: int = 256, truncation: Literal["left", "error"] = "left",
                  batch_size: int = 8, eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
-                 selection_file: str | None = None, shuffle: bool = True):
+                 selection_file: str | None = None, shuffle: bool = True, cache_dir: str | None = None,
+                 tokenize_workers: int = 1):
         super().__init__()
         if train_on not in ("warmup", "pool", "selection"):
             raise ValueError(f"data.train_on={train_on!r} must be 'warmup', 'pool' or 'selection'")
@@ -84,35 +88,34 @@ class PrismDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(ModelArgs(name_or_path=name))
         return self._tokenizer
 
-    def _encode_sft(self, rows: list[SFTRow], path: str):
-        enc = Encoder(self.tokenizer, self.hparams.max_length, self.hparams.truncation)
-        out = [enc.encode(r.prompt, r.completion, f"{path}: row {i + 1} (id {r.id})") for i, r in enumerate(rows)]
-        enc.warn_truncated(path)
-        return out
-
-    def _encode_pairs(self, rows: list[PairRow], path: str):
-        enc = Encoder(self.tokenizer, self.hparams.max_length, self.hparams.truncation)
-        where = [f"{path}: row {i + 1} (id {r.id})" for i, r in enumerate(rows)]
-        chosen = [enc.encode(r.prompt, r.chosen, w) for r, w in zip(rows, where)]
-        rejected = [enc.encode(r.prompt, r.rejected, w) for r, w in zip(rows, where)]
-        enc.warn_truncated(path)
-        return chosen, rejected
+    def _encode(self, rows, side: str, where) -> EncodedRows:
+        hp = self.hparams
+        encoded, digest = encode_rows(rows, side, self.tokenizer, hp.max_length, hp.truncation, where,
+                                      hp.cache_dir, hp.tokenize_workers)
+        self._digests.setdefault(id(rows), []).append(digest)
+        return encoded
 
     def load(self) -> None:
-        """Read, validate and tokenize every configured file (once; before any compute)."""
+        """Read, validate and tokenize every configured file (once; before any compute; cached on disk)."""
         if self._ready:
             return
-        hp = self.hparams
+        hp, self._digests = self.hparams, {}
         self.pool_rows = load_sft(hp.pool, self.cols)
-        self.pool_encoded = self._encode_sft(self.pool_rows, hp.pool)
+        self.pool_encoded = self._encode(self.pool_rows, "completion", hp.pool)
         self.target_rows = load_pairs(hp.target, self.cols) if hp.target else []
-        self.target_encoded = self._encode_pairs(self.target_rows, hp.target) if hp.target else ([], [])
+        self.target_encoded = ((self._encode(self.target_rows, "chosen", hp.target),
+                                self._encode(self.target_rows, "rejected", hp.target)) if hp.target else ([], []))
         self.eval_rows = load_sft(hp.eval_sft, self.cols) if hp.eval_sft else []
-        self.eval_encoded = self._encode_sft(self.eval_rows, hp.eval_sft) if hp.eval_sft else []
+        self.eval_encoded = self._encode(self.eval_rows, "completion", hp.eval_sft) if hp.eval_sft else []
         self.eval_pair_rows = load_pairs(hp.eval_pairs, self.cols) if hp.eval_pairs else []
-        self.eval_pair_encoded = (self._encode_pairs(self.eval_pair_rows, hp.eval_pairs)
+        self.eval_pair_encoded = ((self._encode(self.eval_pair_rows, "chosen", hp.eval_pairs),
+                                   self._encode(self.eval_pair_rows, "rejected", hp.eval_pairs))
                                   if hp.eval_pairs else ([], []))
         self._ready = True
+
+    def prepare_data(self) -> None:
+        """Lightning runs this on one process per node first: it fills the tokenization cache the others load."""
+        self.load()
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
@@ -218,16 +221,21 @@ class PrismDataModule(L.LightningDataModule):
             return PairDataset(*self.target_encoded), PairCollator(pad)
         raise ValueError(f"unknown split {split!r}")
 
-    def fingerprint(self, split: str) -> str:
-        """sha256 of a split's token ids and prompt lengths (changes with data, tokenizer or truncation)."""
+    def source_digest(self, split: str) -> str:
+        """``rows_digest`` of a split's parsed rows (``pool`` or ``target``)."""
         self.load()
-        h = hashlib.sha256()
-        groups = [self.pool_encoded] if split == "pool" else list(self.target_encoded)
-        for group in groups:
-            for e in group:
-                h.update(str(e.prompt_len).encode())
-                h.update(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        return rows_digest(self.pool_rows if split == "pool" else self.target_rows)
+
+    def tokenization(self) -> dict:
+        """The settings besides the rows and the tokenizer that decide a row's token ids."""
+        return {"max_length": self.hparams.max_length, "truncation": self.hparams.truncation}
+
+    def fingerprint(self, split: str) -> str:
+        """Token fingerprint of a split (``pool`` or ``target``): the digest of its cached encoding, which
+        changes with the rows, the tokenizer, ``max_length`` or ``truncation``."""
+        self.load()
+        rows = self.pool_rows if split == "pool" else self.target_rows
+        return json_digest(self._digests[id(rows)])
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per ``PredictTask`` (default: every shard of pool and target)."""

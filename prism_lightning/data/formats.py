@@ -16,14 +16,17 @@ Every problem is reported with file, row and field before any compute is spent.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prism_lightning.config import Columns
+import torch
+
+from prism_lightning.config import Columns, DatasetSpec
 from prism_lightning.errors import DataFormatError
-from prism_lightning.io import json_digest
 
 DEFAULT_COLUMNS = Columns()
 
@@ -121,8 +124,8 @@ def _with_datasets(path: Path) -> list[dict]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if len(ds) != 1:
-                    raise DataFormatError(f"{path}: a DatasetDict with splits {sorted(ds)}; save the split to use "
-                                          "on its own (ds['train'].save_to_disk(...))")
+                    raise DataFormatError(f"{path}: a DatasetDict with splits {sorted(ds)}; give the data setting as "
+                                          f"{{path: {path}, split: <name>}}")
                 ds = next(iter(ds.values()))
         else:
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -136,12 +139,44 @@ def _with_datasets(path: Path) -> list[dict]:
 READERS = {".jsonl": _json_lines, ".json": _json, ".csv": _csv, ".parquet": _with_datasets}
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """All rows of a data file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) or a saved dataset folder.
+def _load_spec(spec: DatasetSpec) -> list[dict]:
+    """Rows of a ``load_dataset`` spec (or a ``save_to_disk`` folder with a split); errors name the spec."""
+    import datasets
 
-    JSON and CSV are parsed as written, without type inference: CSV cells stay text, JSON values keep
-    their JSON types (validation then names a row whose field has the wrong type).
+    try:
+        if Path(spec.path).is_dir() and any((Path(spec.path) / f).exists() for f in ("dataset_dict.json",
+                                                                                      "state.json")):
+            ds = datasets.load_from_disk(spec.path)
+        else:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files,
+                                       revision=spec.revision)
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split is None:
+                raise DataFormatError(f"{spec}: the dataset has splits {sorted(ds)}; choose one with split: <name>")
+            if spec.split not in ds:
+                raise DataFormatError(f"{spec}: no split {spec.split!r}; the dataset has {sorted(ds)}")
+            ds = ds[spec.split]
+        return ds.to_list()
+    except DataFormatError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the spec named
+        raise DataFormatError(f"{spec}: cannot be read ({type(err).__name__}: {err})") from err
+
+
+def read_records(path: str | Path | DatasetSpec | dict) -> list[dict]:
+    """All rows of a data file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``), a saved dataset folder, or a
+    ``load_dataset`` spec (``DatasetSpec`` or its dict).
+
+    JSON and CSV files are parsed as written, without type inference: CSV cells stay text, JSON values
+    keep their JSON types (validation then names a row whose field has the wrong type).
     """
+    if isinstance(path, dict):
+        path = DatasetSpec(**path)
+    if isinstance(path, DatasetSpec):
+        rows = _load_spec(path)
+        if not rows:
+            raise DataFormatError(f"{path}: no rows; it needs at least one row")
+        return rows
     p = Path(path)
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or folder; check the data path in your config")
@@ -183,34 +218,36 @@ def _ids_unique(ids: list[str], path) -> None:
         seen[rid] = i
 
 
+def sft_row(row: dict, i: int, path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> SFTRow:
+    """Validate one SFT record (prompt/completion, messages or text); ``i`` is its 0-based row number."""
+    rid = str(row[cols.id]) if row.get(cols.id) is not None else str(i)
+    sub = str(row.get(cols.subtask) or "all")
+    known = {cols.id, cols.prompt, cols.completion, cols.messages, cols.text, cols.subtask}
+    extra = {k: v for k, v in row.items() if k not in known}
+    if row.get(cols.messages) is not None:
+        msgs = _text_or_messages(row[cols.messages], path, i, cols.messages)
+        if isinstance(msgs, str) or msgs[-1].get("role") != "assistant":
+            raise DataFormatError(f"{path}: row {i + 1}: field {cols.messages!r} must end with an "
+                                  "assistant message (the response to learn)")
+        return SFTRow(rid, msgs[:-1], msgs[-1]["content"], sub, extra)
+    if row.get(cols.prompt) is not None or row.get(cols.completion) is not None:
+        hint = (f"SFT rows need {cols.prompt!r} and {cols.completion!r} (or {cols.messages!r}, or "
+                f"{cols.text!r}); rename columns with data.columns")
+        prompt = _text_or_messages(_require(row, cols.prompt, path, i, hint), path, i, cols.prompt)
+        comp = _answer_text(_require(row, cols.completion, path, i, hint), path, i, cols.completion)
+        return SFTRow(rid, prompt, comp, sub, extra)
+    if row.get(cols.text) is not None:
+        return SFTRow(rid, "", _text_or_messages(row[cols.text], path, i, cols.text), sub, extra)
+    raise DataFormatError(
+        f"{path}: row {i + 1}: no {cols.prompt!r}/{cols.completion!r}, {cols.messages!r} or "
+        f"{cols.text!r} field (found {sorted(row)}); rename columns with data.columns")
+
+
 def parse_sft(records: list[dict], path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> list[SFTRow]:
     """Validate SFT rows (prompt/completion, messages or text) into ``SFTRow``s."""
     if not records:
         raise DataFormatError(f"{path}: the dataset is empty; it needs at least one row")
-    out: list[SFTRow] = []
-    for i, row in enumerate(records):
-        rid = str(row.get(cols.id, i)) if row.get(cols.id) is not None else str(i)
-        sub = str(row.get(cols.subtask) or "all")
-        known = {cols.id, cols.prompt, cols.completion, cols.messages, cols.text, cols.subtask}
-        extra = {k: v for k, v in row.items() if k not in known}
-        if row.get(cols.messages) is not None:
-            msgs = _text_or_messages(row[cols.messages], path, i, cols.messages)
-            if isinstance(msgs, str) or msgs[-1].get("role") != "assistant":
-                raise DataFormatError(f"{path}: row {i + 1}: field {cols.messages!r} must end with an "
-                                      "assistant message (the response to learn)")
-            out.append(SFTRow(rid, msgs[:-1], msgs[-1]["content"], sub, extra))
-        elif row.get(cols.prompt) is not None or row.get(cols.completion) is not None:
-            hint = (f"SFT rows need {cols.prompt!r} and {cols.completion!r} (or {cols.messages!r}, or "
-                    f"{cols.text!r}); rename columns with data.columns")
-            prompt = _text_or_messages(_require(row, cols.prompt, path, i, hint), path, i, cols.prompt)
-            comp = _answer_text(_require(row, cols.completion, path, i, hint), path, i, cols.completion)
-            out.append(SFTRow(rid, prompt, comp, sub, extra))
-        elif row.get(cols.text) is not None:
-            out.append(SFTRow(rid, "", _text_or_messages(row[cols.text], path, i, cols.text), sub, extra))
-        else:
-            raise DataFormatError(
-                f"{path}: row {i + 1}: no {cols.prompt!r}/{cols.completion!r}, {cols.messages!r} or "
-                f"{cols.text!r} field (found {sorted(row)}); rename columns with data.columns")
+    out = [sft_row(row, i, path, cols) for i, row in enumerate(records)]
     _ids_unique([r.id for r in out], path)
     return out
 
@@ -255,16 +292,118 @@ def parse_pairs(records: list[dict], path: str | Path, cols: Columns = DEFAULT_C
     return out
 
 
-def rows_digest(rows: list[SFTRow] | list[PairRow]) -> str:
-    """sha256 of parsed rows (ids, texts, subtasks and extra columns): what a selection was made from."""
-    return json_digest([asdict(r) for r in rows])
+class RowsDigest:
+    """sha256 of parsed rows (ids, texts, subtasks and extra columns), fed one row at a time."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def add(self, row: SFTRow | PairRow) -> None:
+        self._h.update(json.dumps(asdict(row), sort_keys=True, default=str).encode() + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
-def load_sft(path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> list[SFTRow]:
+def rows_digest(rows: Iterable[SFTRow] | Iterable[PairRow]) -> str:
+    """What a selection or a store was made from: ``RowsDigest`` of every row, in order."""
+    digest = RowsDigest()
+    for row in rows:
+        digest.add(row)
+    return digest.hexdigest()
+
+
+def iter_records(path: str | Path | DatasetSpec) -> Iterator[dict]:
+    """The records of a data file one at a time: JSONL and CSV are streamed; other formats are read whole."""
+    p = Path(path) if isinstance(path, str | Path) else None
+    if p is not None and p.suffix == ".jsonl" and p.is_file():
+        for lineno, line in _lines(p):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{p}: line {lineno}: invalid JSON ({err.msg}); each line must be one "
+                                          "JSON object (JSON Lines)") from None
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{p}: line {lineno}: a JSON {type(row).__name__}, not an object")
+                yield row
+        return
+    yield from read_records(path)
+
+
+@dataclass
+class PoolIndex:
+    """What selection needs from a pool, read in one streaming pass (no tokenization, no texts kept).
+
+    ``subtasks`` [n] are codes into ``subtask_names``; ``labels`` [n] is the ground-truth column as
+    booleans (None when some row lacks it); ``digest`` is ``rows_digest`` of the parsed rows.
+    """
+
+    path: str | Path | DatasetSpec
+    cols: Columns
+    rows: int
+    digest: str
+    subtask_names: list[str]
+    subtasks: torch.Tensor
+    labels: torch.Tensor | None
+
+    rows_in_memory: list[SFTRow] | None = None
+
+    @classmethod
+    def scan(cls, path: str | Path, cols: Columns = DEFAULT_COLUMNS, label: str | None = None) -> PoolIndex:
+        """Read a pool file once, keeping only what selection needs."""
+        rows = (sft_row(record, i, path, cols) for i, record in enumerate(iter_records(path)))
+        return cls._index(rows, path, cols, label)._unique()
+
+    @classmethod
+    def from_rows(cls, rows: list[SFTRow], label: str | None = None) -> PoolIndex:
+        """An index of rows already in memory (the Python API, tests)."""
+        index = cls._index(iter(rows), "<rows>", DEFAULT_COLUMNS, label)
+        index.rows_in_memory = rows
+        return index._unique()
+
+    @classmethod
+    def _index(cls, rows: Iterator[SFTRow], path, cols: Columns, label: str | None) -> PoolIndex:
+        digest, names, codes, labels, hashes = RowsDigest(), {}, array("i"), bytearray(), array("q")
+        missing_label = label is None
+        n = 0
+        for i, row in enumerate(rows):
+            digest.add(row)
+            codes.append(names.setdefault(row.subtask, len(names)))
+            hashes.append(int.from_bytes(hashlib.blake2b(row.id.encode(), digest_size=8).digest(), "little",
+                                         signed=True))
+            value = row.extra.get(label) if label else None
+            missing_label = missing_label or value is None
+            labels.append(bool(value))
+            n = i + 1
+        if not n:
+            raise DataFormatError(f"{path}: no rows; it needs at least one row")
+        index = cls(path, cols, n, digest.hexdigest(), list(names), torch.frombuffer(codes, dtype=torch.int32).clone(),
+                    None if missing_label else torch.frombuffer(labels, dtype=torch.uint8).bool())
+        index._id_hashes = torch.frombuffer(hashes, dtype=torch.int64).clone()
+        return index
+
+    def _unique(self) -> PoolIndex:
+        """Refuse duplicate ids (8-byte hashes compared; a second pass names the rows)."""
+        if torch.unique(self._id_hashes).numel() != self.rows:
+            _ids_unique([row.id for row in self.iter_rows()], self.path)
+        del self._id_hashes
+        return self
+
+    def iter_rows(self) -> Iterator[SFTRow]:
+        """The pool's rows again, in order (for writing outputs)."""
+        if self.rows_in_memory is not None:
+            yield from self.rows_in_memory
+            return
+        for i, record in enumerate(iter_records(self.path)):
+            yield sft_row(record, i, self.path, self.cols)
+
+
+def load_sft(path: str | Path | DatasetSpec, cols: Columns = DEFAULT_COLUMNS) -> list[SFTRow]:
     """Read and validate an SFT file."""
     return parse_sft(read_records(path), path, cols)
 
 
-def load_pairs(path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> list[PairRow]:
+def load_pairs(path: str | Path | DatasetSpec, cols: Columns = DEFAULT_COLUMNS) -> list[PairRow]:
     """Read and validate a preference-pair file."""
     return parse_pairs(read_records(path), path, cols)

@@ -1,10 +1,12 @@
 """Turning rows into token ids with the loss restricted to response tokens.
 
-A row is rendered as ``prompt_ids + response_ids (+ EOS)``; labels are ``-100`` on the
-prompt so losses and likelihoods cover the response only. Chat prompts (message lists)
-go through the tokenizer's chat template when it has one. Over-long rows are cut from
-the left of the prompt (``truncation: left``, one summary warning) or refused
-(``truncation: error``).
+A text row is ``tokenizer(prompt) + tokenizer(response) + EOS``. A chat row (the prompt is a list
+of messages) is rendered as TRL's SFT renders a conversational prompt-completion: the chat template
+of ``prompt + [assistant response]``, with the loss on what follows the template of the prompt with
+its generation prompt (so the answer and the template's end-of-turn tokens are learned, and the
+template's own BOS is the only one). Labels are ``-100`` off the response. Evaluation prompts are
+tokenized by the same ``prompt_ids``. Over-long rows are cut from the left of the prompt
+(``truncation: left``, one summary warning) or refused (``truncation: error``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,32 @@ def render_prompt(tokenizer, prompt) -> str:
     return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                              return_dict=False))
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as training and evaluation see it (chat: the template with its generation prompt)."""
+    if not isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+        return _chat_ids(tokenizer, prompt, True)
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
+
+
+def _response_ids(tokenizer, prompt, response: str, p_ids: list[int], append_eos: bool, where: str) -> list[int]:
+    if not isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+        full = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
+        if full[: len(p_ids)] != p_ids:
+            raise DataFormatError(f"{where}: the chat template renders the conversation so that the prompt is not "
+                                  "its prefix; the response tokens cannot be separated (use another template)")
+        return full[len(p_ids):]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is not None and (not r_ids or r_ids[-1] != eos):
+        r_ids = r_ids + [eos]
+    return r_ids
+
+
 class Encoder:
     """Encodes (prompt, response) with response-only labels and the truncation policy."""
 
@@ -46,12 +74,8 @@ class Encoder:
 
     def encode(self, prompt, response: str, where: str) -> Encoded:
         """Ids for one row; ``where`` names the row in errors (``file: row N``)."""
-        chat = not isinstance(prompt, str)
-        p_ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=not chat)["input_ids"]
-        r_ids = self.tok(response, add_special_tokens=False)["input_ids"]
-        eos = self.tok.eos_token_id
-        if self.append_eos and eos is not None and (not r_ids or r_ids[-1] != eos):
-            r_ids = r_ids + [eos]
+        p_ids = prompt_ids(self.tok, prompt)
+        r_ids = _response_ids(self.tok, prompt, response, p_ids, self.append_eos, where)
         total = len(p_ids) + len(r_ids)
         if total > self.max_length:
             if self.truncation == "error":

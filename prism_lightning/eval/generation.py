@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from prism_lightning.data.tokenize import render_prompt
+from prism_lightning.data.tokenize import prompt_ids
 
 
 def extract_answer(text: str, pattern: str | None = None) -> str:
@@ -24,24 +24,24 @@ def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
                     batch_size: int = 32) -> list[str]:
     """Greedy continuations of each prompt (left-padded batches), decoded without special tokens.
 
-    With several processes every rank keeps stepping until all are done (``synced_gpus``), as a
-    sharded (FSDP) model needs every rank in each forward.
+    Prompts are tokenized exactly as training tokenizes them (``data.tokenize.prompt_ids``: a chat
+    prompt through its template, with the template's BOS only). With several processes every rank
+    keeps stepping until all are done (``synced_gpus``), as a sharded (FSDP) model needs every rank in
+    each forward.
     """
     device = next(model.parameters()).device
     synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    pad = tokenizer.pad_token_id
     outs: list[str] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for s in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, p) for p in prompts[s: s + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 synced_gpus=synced)
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    for s in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, p) for p in prompts[s: s + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             synced_gpus=synced)
+        outs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     return outs
 
 

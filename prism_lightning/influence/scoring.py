@@ -42,23 +42,17 @@ def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
 
 
-def combine(per_checkpoint: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
-    """``s = sum_i lr_i s_i`` over checkpoints (lr_i: the epoch's mean learning rate)."""
-    return sum(lr * s for lr, s in zip(lrs, per_checkpoint))
-
-
 def random_scores(n: int, seed: int) -> torch.Tensor:
     """Seeded N(0, 1) scores (the ``random`` baseline)."""
     return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 class Inputs(NamedTuple):
-    """What a mode without gradients scores from: pool size, seed, per-checkpoint losses and lrs."""
+    """What a mode without gradients scores from: pool size, seed, and ``sum_i lr_i loss_i(z)`` [n]."""
 
     rows: int
     seed: int
-    lrs: list[float]
-    losses: list[torch.Tensor]
+    loss: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,7 @@ MODES: dict[str, Mode] = {m.name: m for m in [
     Mode("less", direction=lambda c, r, pi: _unit(c).mean(0), per_subtask=True, cosine=True),
     Mode("ifguide", direction=lambda c, r, pi: _unit(c.mean(0)) - _unit(r.mean(0))),
     Mode("random", scores=lambda x: random_scores(x.rows, x.seed)),
-    Mode("loss", scores=lambda x: -combine(x.losses, x.lrs), needs_loss=True),
+    Mode("loss", scores=lambda x: -x.loss, needs_loss=True),
 ]}
 GRADIENT_MODES = tuple(name for name, m in MODES.items() if m.direction is not None)
 ModeName = Literal[tuple(MODES)]  # config values, derived from the table
@@ -129,20 +123,25 @@ def direction_matrix(modes: Iterable[str], chosen: torch.Tensor, rejected: torch
     return torch.stack(cols, dim=1), keys
 
 
-def stream_dot(chunks: Iterable[torch.Tensor], matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F @ M, ||F||_row)`` over row chunks of F, in float64; memory is one chunk at a time."""
-    dots, norms = [], []
+def stream_dot(chunks: Iterable[torch.Tensor], matrix: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F @ M, ||F||_row)`` over row chunks of F (``rows`` in all), in float64; one chunk in memory at a time."""
+    dots = torch.empty(rows, matrix.shape[1], dtype=torch.float64)
+    norms = torch.empty(rows, dtype=torch.float64)
+    start = 0
     for chunk in chunks:
         c = chunk.double()
-        dots.append(c @ matrix)
-        norms.append(c.norm(dim=1))
-    return torch.cat(dots), torch.cat(norms)
+        dots[start: start + len(c)] = c @ matrix
+        norms[start: start + len(c)] = c.norm(dim=1)
+        start += len(c)
+    if start != rows:
+        raise ValueError(f"the store holds {start} rows, not {rows}")
+    return dots, norms
 
 
-def checkpoint_scores(chunks: Iterable[torch.Tensor], matrix: torch.Tensor,
-                      keys: list[tuple[str, str]]) -> torch.Tensor:
+def checkpoint_scores(chunks: Iterable[torch.Tensor], matrix: torch.Tensor, keys: list[tuple[str, str]],
+                      rows: int) -> torch.Tensor:
     """One checkpoint's dot products [n, D] with every direction column; cosine modes divide by ``||f||``."""
-    dots, norms = stream_dot(chunks, matrix)
+    dots, norms = stream_dot(chunks, matrix, rows)
     cos = [j for j, (m, _) in enumerate(keys) if MODES[m].cosine]
     dots[:, cos] /= norms.clamp_min(1e-12)[:, None]
     return dots

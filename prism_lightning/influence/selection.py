@@ -1,4 +1,8 @@
-"""Turning scores into subsets: forward selection (top) and reverse repair (drop the bottom)."""
+"""Turning scores into subsets: forward selection (top) and reverse repair (drop the bottom).
+
+Orders are computed with torch (a stable sort), so memory and time stay proportional to the pool's
+row count with small constants; ties are broken by row order (the earlier row ranks first).
+"""
 
 from __future__ import annotations
 
@@ -20,44 +24,47 @@ def budget(n: int, fraction: float | None, k: int | None) -> int:
     return count
 
 
-def rank_order(scores: torch.Tensor, ids: list[str]) -> list[int]:
-    """Row indices from most helpful (highest score) to most harmful; ties broken by id."""
-    s = scores.tolist()
-    return sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
+def rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """Row indices [n] from most helpful (highest score) to most harmful; ties keep row order."""
+    return torch.sort(scores, descending=True, stable=True).indices
 
 
-def _quota(subtasks: list[str], count: int) -> dict[str, int]:
-    """Split ``count`` over subtasks in proportion to their sizes (largest remainder, ties by name)."""
-    sizes: dict[str, int] = {}
-    for s in subtasks:
-        sizes[s] = sizes.get(s, 0) + 1
-    n = len(subtasks)
-    exact = {s: count * c / n for s, c in sizes.items()}
-    out = {s: math.floor(v) for s, v in exact.items()}
-    for s in sorted(exact, key=lambda s: (-(exact[s] - out[s]), s))[: count - sum(out.values())]:
-        out[s] += 1
+def ranks(order: torch.Tensor) -> torch.Tensor:
+    """Rank of each row (1 = most helpful) from ``rank_order``'s output."""
+    out = torch.empty(len(order), dtype=torch.int32)
+    out[order] = torch.arange(1, len(order) + 1, dtype=torch.int32)
     return out
 
 
-def choose(scores: torch.Tensor, ids: list[str], task: str, fraction: float | None = None,
-           k: int | None = None, subtasks: list[str] | None = None) -> torch.Tensor:
-    """Boolean mask of the rows to train on.
+def _quota(subtasks: torch.Tensor, count: int) -> dict[int, int]:
+    """Split ``count`` over subtask codes in proportion to their sizes (largest remainder, ties by code)."""
+    codes, sizes = torch.unique(subtasks, return_counts=True)
+    n = len(subtasks)
+    exact = {int(c): count * int(s) / n for c, s in zip(codes, sizes)}
+    out = {c: math.floor(v) for c, v in exact.items()}
+    for c in sorted(exact, key=lambda c: (-(exact[c] - out[c]), c))[: count - sum(out.values())]:
+        out[c] += 1
+    return out
+
+
+def choose(scores: torch.Tensor, task: str, fraction: float | None = None, k: int | None = None,
+           subtasks: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask [n] of the rows to train on.
 
     ``forward``: the top ``count`` rows by score. ``repair``: all but the bottom ``count`` rows.
-    With ``subtasks`` the count is split per subtask in proportion to its size (a quota).
+    With ``subtasks`` (integer codes [n]) the count is split per subtask in proportion to its size.
     """
     if task not in ("forward", "repair"):
         raise ValueError(f"selection.task={task!r} must be 'forward' or 'repair'")
-    n = len(ids)
+    n = len(scores)
     count = budget(n, fraction, k)
-    order = rank_order(scores, ids)
+    order = rank_order(scores)
+    walk = order if task == "forward" else order.flip(0)
     picked = torch.zeros(n, dtype=torch.bool)
     if subtasks is None:
-        chosen = order[:count] if task == "forward" else order[::-1][:count]
+        picked[walk[:count]] = True
     else:
-        quota, chosen = _quota(subtasks, count), []
-        walk = order if task == "forward" else order[::-1]
-        for sub, q in quota.items():
-            chosen += [i for i in walk if subtasks[i] == sub][:q]
-    picked[chosen] = True
+        walk_codes = subtasks[walk]
+        for code, q in _quota(subtasks, count).items():
+            picked[walk[walk_codes == code][:q]] = True
     return picked if task == "forward" else ~picked

@@ -96,28 +96,35 @@ class GradientFeatureModule(L.LightningModule):
     def store_dir(self, epoch: int, split: str) -> Path:
         return Path(self.output_dir) / "features" / f"epoch-{epoch}" / split
 
-    def store_settings(self, epoch: int, folder: Path, info: dict, split: str, rows: int,
-                       fingerprint: str, dim: int, shard_size: int) -> dict:
-        """The manifest of one store: everything that determines its contents."""
+    def store_settings(self, epoch: int, folder: Path, info: dict, split: str, dm, dim: int) -> dict:
+        """The manifest of one store: everything that determines its contents.
+
+        ``dataset_fingerprint`` hashes the token ids (what the features depend on); ``source_sha256``
+        hashes the parsed rows and ``tokenization`` the length policy, which ``select`` checks against
+        the data it is given without tokenizing it again.
+        """
         proj = projection_identity(self.projection)
+        dataset, _ = dm.split_dataset(split)
         return {"format": FORMAT_VERSION, "split": split, "model": self.model_args.name_or_path,
                 "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
-                "lr_mean": info["lr_mean"], "dataset_fingerprint": fingerprint, "projection": proj,
+                "lr_mean": info["lr_mean"], "dataset_fingerprint": dm.fingerprint(split),
+                "source_sha256": dm.source_digest(split), "tokenization": dm.tokenization(),
+                "projection": proj,
                 "preconditioner": self.preconditioner[split], "normalize": self.normalize,
-                "dtype": self.store_dtype, "shard_size": shard_size, "rows": rows, "dim": dim,
+                "dtype": self.store_dtype, "shard_size": dm.hparams.shard_size, "rows": len(dataset), "dim": dim,
                 "package_version": __version__, "complete": False}
 
-    def scoring_expectations(self, datamodule=None) -> dict:
+    def scoring_expectations(self, sources: dict[str, str] | None = None, tokenization: dict | None = None) -> dict:
         """What a feature store must match to be scored for these settings and data (see ``select``).
 
-        With a data module: the token fingerprints of its pool and targets, and the sha256 of each
-        warmup checkpoint's adapter file as it is on disk now.
+        ``sources``: ``rows_digest`` of the pool and target rows now configured; ``tokenization``:
+        ``max_length`` and ``truncation`` now configured. The sha256 of each warmup checkpoint's adapter
+        file as it is on disk now is added when the checkpoints exist.
         """
         out = {"model": self.model_args.name_or_path, "projection": projection_identity(self.projection),
-               "normalize": self.normalize}
-        if datamodule is not None:
-            out["dataset_fingerprint"] = {s: datamodule.fingerprint(s) for s in ("pool", "target")
-                                          if s == "pool" or datamodule.target_rows}
+               "normalize": self.normalize, "source_sha256": dict(sources or {}),
+               "tokenization": dict(tokenization or {})}
+        if any(Path(self.checkpoint_dir).glob("epoch-*/checkpoint.json")):
             out["adapter_sha256"] = {e: file_sha256(f / "adapter_model.safetensors")
                                      for e, f, _ in find_checkpoints(self.checkpoint_dir, self.epochs)
                                      if (f / "adapter_model.safetensors").exists()}
@@ -138,8 +145,7 @@ class GradientFeatureModule(L.LightningModule):
             for split in self.splits:
                 dataset, _ = dm.split_dataset(split)
                 out = self.store_dir(epoch, split)
-                settings = self.store_settings(epoch, folder, info, split, len(dataset), dm.fingerprint(split),
-                                               Projector(self.projection, sizes).dim, dm.hparams.shard_size)
+                settings = self.store_settings(epoch, folder, info, split, dm, Projector(self.projection, sizes).dim)
                 orphans = orphan_shards(out)
                 if orphans:
                     raise StoreMismatchError(
@@ -174,6 +180,11 @@ class GradientFeatureModule(L.LightningModule):
 
     def configure_callbacks(self):
         return [FeatureStoreWriter()]
+
+    def on_predict_start(self) -> None:
+        # every row's features go to the store as its shard completes: never also keep them in memory, whatever
+        # `trainer.predict(return_predictions=...)` asked (memory stays bounded by the batch, not the pool)
+        self.trainer.predict_loop.return_predictions = False
 
     # ----- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from prism_lightning.callbacks.adapter_checkpoint import save_trainable
 from prism_lightning.io import atomic_folder
 from prism_lightning.modeling import merge_adapter
@@ -30,6 +32,14 @@ class FinetuneModule(SFTModule):
         super().__init__(*args, generate_eval=generate_eval, **kwargs)
         self.run_name, self.save_merged = run_name, save_merged
         self.stage_dir = run_name
+
+    def configure_callbacks(self):
+        """Lightning checkpoints (for ``--ckpt_path last``) go under ``<output_dir>/<run_name>/lightning/``,
+        when the trainer checkpoints at all (the pipeline's fine-tunes do not)."""
+        if not self.trainer.checkpoint_callbacks:
+            return []
+        return [ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.run_name / "lightning"),
+                                filename="{epoch}", save_last=True, save_top_k=-1, every_n_epochs=1)]
 
     def on_train_end(self) -> None:
         weights = gather_trainable(self.model)  # collective under FSDP: every rank takes part

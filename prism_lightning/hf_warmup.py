@@ -1,0 +1,170 @@
+"""Warmups done with the Hugging Face ``Trainer`` (TRL's ``SFTTrainer`` included) as reference checkpoints.
+
+Two ways, both writing the ``epoch-N/`` folders our warmup writes (``callbacks.adapter_checkpoint``):
+
+- ``python -m prism_lightning import-warmup --source DIR --dest OUT/warmup`` converts the ``checkpoint-*``
+  folders a run saved (peft adapter, ``optimizer.pt``, ``trainer_state.json``), in step order, into
+  ``epoch-1``, ``epoch-2``, ...: the adapter files are copied, AdamW's moments are keyed by parameter name,
+  and the checkpoint's mean learning rate is the mean of the learning rates logged since the previous
+  checkpoint (every step's with ``logging_steps=1``).
+- ``PrismReferenceCallback(dest)`` in ``Trainer(callbacks=[...])`` writes them at the end of every epoch of
+  the run itself, with every step's learning rate.
+
+Parameter names come from the peft model built on the meta device (no weights are loaded). The
+optimizer's state is matched to them in the order the ``Trainer`` builds its parameter groups (weights
+with decay, then without), and every moment's shape is checked against its parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from prism_lightning.callbacks.adapter_checkpoint import adam_moments, write_reference_checkpoint
+from prism_lightning.errors import DataFormatError
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def checkpoint_folders(source: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` folders under ``source`` (or ``source`` itself), by step."""
+    source = Path(source)
+    found = sorted((p for p in source.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=lambda p: int(p.name.split("-")[1]))
+    if not found and (source / "optimizer.pt").exists():
+        found = [source]
+    if not found:
+        raise DataFormatError(f"{source}: no checkpoint-<step> folder with optimizer.pt; point --source at the "
+                              "Trainer's output_dir (save_only_model must be false so the optimizer is saved)")
+    for folder in found:
+        missing = [f for f in (*ADAPTER_FILES, "optimizer.pt", "trainer_state.json") if not (folder / f).exists()]
+        if missing:
+            raise DataFormatError(f"{folder}: missing {missing}; a LoRA (peft) run saved by transformers.Trainer "
+                                  "has them")
+    return found
+
+
+def trainable_names(adapter_dir: Path, base_model: str | None = None) -> dict[str, torch.Size]:
+    """Trainable parameter names and shapes of base + adapter, in the ``Trainer``'s optimizer order."""
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False  # saved adapters say True, which would freeze the parameters being named
+    base = base_model or config.base_model_name_or_path
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)), config)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ordered = [(n, p) for n, p in params if n in decay] + [(n, p) for n, p in params if n not in decay]
+    return {n: p.shape for n, p in ordered}
+
+
+def hf_moments(optimizer_pt: Path, names: dict[str, torch.Size]) -> tuple[dict[str, torch.Tensor], dict]:
+    """``{<name>.exp_avg, <name>.exp_avg_sq}`` from a saved AdamW state, and its first param group."""
+    state = torch.load(str(optimizer_pt), map_location="cpu", weights_only=True)
+    indices = [i for group in state["param_groups"] for i in group["params"]]
+    if len(indices) != len(names):
+        raise DataFormatError(f"{optimizer_pt}: the optimizer holds {len(indices)} parameters, the adapter has "
+                              f"{len(names)} trainable ones; was it saved for another model or adapter?")
+    out = {}
+    for i, (name, shape) in zip(indices, names.items()):
+        s = state["state"].get(i)
+        if not s or "exp_avg" not in s:
+            raise DataFormatError(f"{optimizer_pt}: no Adam moments for parameter {i} ({name}); only Adam/AdamW "
+                                  "warmups can be imported")
+        if s["exp_avg"].shape != shape:
+            raise DataFormatError(f"{optimizer_pt}: parameter {i} has shape {tuple(s['exp_avg'].shape)}, but {name} "
+                                  f"is {tuple(shape)}: the optimizer's order does not match the adapter's")
+        out[f"{name}.exp_avg"], out[f"{name}.exp_avg_sq"] = s["exp_avg"].float(), s["exp_avg_sq"].float()
+    return out, state["param_groups"][0]
+
+
+def _lora_info(adapter_dir: Path) -> dict:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout"),
+            "target_modules": cfg.get("target_modules"), "enabled": True}
+
+
+def import_warmup(source: str, dest: str, base_model: str | None = None) -> list[Path]:
+    """Convert a Trainer run's ``checkpoint-*`` folders under ``source`` into ``dest/epoch-N/`` (N = 1, 2, ...).
+
+    Args:
+        source: the Trainer's ``output_dir`` (or one checkpoint folder).
+        dest: the warmup folder to write (e.g. ``runs/mine/warmup``); the feature stage reads it.
+        base_model: the base model (default: the adapter config's ``base_model_name_or_path``).
+    """
+    folders = checkpoint_folders(source)
+    names = trainable_names(folders[0], base_model)
+    previous, written = 0, []
+    for epoch, folder in enumerate(folders, start=1):
+        moments, group = hf_moments(folder / "optimizer.pt", names)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        step = int(state["global_step"])
+        lrs = [e["learning_rate"] for e in state.get("log_history", [])
+               if "learning_rate" in e and previous < e.get("step", 0) <= step]
+        lr_mean = sum(lrs) / len(lrs) if lrs else float(group["lr"])
+        info = {"epoch": epoch, "lr_mean": lr_mean, "epoch_steps": step - previous, "global_step": step,
+                "model": {"name_or_path": base_model or json.loads((folder / "adapter_config.json").read_text())
+                          ["base_model_name_or_path"]}, "lora": _lora_info(folder),
+                "betas": list(group["betas"]), "eps": group["eps"], "imported_from": str(folder),
+                "lr_source": "logged" if lrs else "optimizer param group (no learning rate logged in the interval)"}
+
+        def copy_adapter(tmp: Path, folder=folder) -> Path:
+            for name in ADAPTER_FILES:
+                shutil.copyfile(folder / name, tmp / name)
+            return tmp / "adapter_model.safetensors"
+
+        written.append(write_reference_checkpoint(Path(dest) / f"epoch-{epoch}", copy_adapter, moments, info))
+        previous = step
+    return written
+
+
+class PrismReferenceCallback(TrainerCallback):
+    """A ``transformers`` callback that writes ``<dest>/epoch-N/`` at the end of every epoch of a LoRA run
+    (``Trainer``, TRL's ``SFTTrainer``): the adapter, AdamW's moments by parameter name, and the mean of the
+    epoch's per-step learning rates. Single process or DDP (the main process writes)."""
+
+    def __init__(self, dest: str | Path):
+        self.dest = Path(dest)
+        self._lrs: list[float] = []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._lrs = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        epoch = round(state.epoch)
+        names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        group = optimizer.param_groups[0]
+        info = {"epoch": epoch, "lr_mean": sum(self._lrs) / max(1, len(self._lrs)), "epoch_steps": len(self._lrs),
+                "global_step": state.global_step,
+                "model": {"name_or_path": model.peft_config["default"].base_model_name_or_path},
+                "lora": {"r": model.peft_config["default"].r, "alpha": model.peft_config["default"].lora_alpha,
+                         "dropout": model.peft_config["default"].lora_dropout, "enabled": True,
+                         "target_modules": sorted(model.peft_config["default"].target_modules)},
+                "betas": list(group["betas"]), "eps": group["eps"]}
+
+        def save_adapter(tmp: Path) -> Path:
+            model.save_pretrained(str(tmp))
+            return tmp / "adapter_model.safetensors"
+
+        write_reference_checkpoint(self.dest / f"epoch-{epoch}", save_adapter, adam_moments(optimizer, names), info)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m prism_lightning import-warmup --source DIR --dest OUT/warmup [--base_model ID]``."""
+    from jsonargparse import CLI
+
+    written = CLI(import_warmup, args=args, as_positional=False, prog="python -m prism_lightning import-warmup")
+    for folder in written:
+        print(f"wrote {folder}")
