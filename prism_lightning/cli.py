@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class PrismParser(LightningArgumentParser):
             self.print_usage(sys.stderr)
             sys.stderr.write(f"error: {problem}\n")
             sys.exit(2)
+        if debug() and ex is not None:  # the traceback, whatever the jsonargparse release does with it
+            traceback.print_exception(ex, file=sys.stderr)
         return super().error(message, ex)
 
 

@@ -101,6 +101,10 @@ class FSDPArgs:
     """dtype of the gradient reduce-scatter."""
     reshard_after_forward: bool = True
     """Free each layer's gathered weights after its forward (ZeRO-3); false keeps them (more memory)."""
+    load_on_rank0: bool = True
+    """Rank 0 reads the weights and broadcasts each rank its shard; the others start on the meta device (host
+    memory: one full copy per node, not one per rank). false: every rank loads the full model. A 4-bit (QLoRA)
+    base is always loaded by every rank (its quantized weights stay replicated)."""
 
 
 @dataclass

@@ -58,21 +58,34 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _path_in_errors(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` from the block with ``path`` and what to do in its message (``_named``)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        _settle(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        yield
     except OSError as err:
         named = _named(err, path)
         if named is err:
             raise
         raise named from err
+
+
+def _with_temp_sibling(path: str | Path) -> tuple[Path, Path]:
+    """``path`` and the hidden, process-specific name beside it that is written first."""
+    path = Path(path)
+    return path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed to ``path``."""
+    path, tmp = _with_temp_sibling(path)
+    try:
+        with _path_in_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            _settle(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -86,24 +99,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 @contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces ``folder`` in one rename."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    folder, tmp = _with_temp_sibling(folder)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _settle(f)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except OSError as err:
-        named = _named(err, folder)
-        if named is err:
-            raise
-        raise named from err
+        with _path_in_errors(folder):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _settle(f)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -45,13 +45,25 @@ def load_tokenizer(model: ModelArgs):
     return tok
 
 
-def load_base_model(model: ModelArgs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` in ``model.dtype``; 4-bit NF4 when quantized."""
-    from transformers import AutoModelForCausalLM
+def load_base_model(model: ModelArgs, empty: bool = False) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in ``model.dtype``; 4-bit NF4 when quantized.
+
+    ``empty``: the same architecture built from its config on the ``meta`` device (no weights read, no memory),
+    for ranks that receive their shards from rank 0 (``sharding.shard_from_rank0``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch_dtype(model.dtype), "trust_remote_code": model.trust_remote_code}
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    if empty:
+        if model.quantization:
+            raise ValueError("a quantized (QLoRA) base cannot be built empty: every rank loads it")
+        config = AutoConfig.from_pretrained(model_source(model.name_or_path), trust_remote_code=model.trust_remote_code)
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(config, **kwargs)
+        base.tie_weights()  # from_pretrained ties embeddings and lm_head; from_config on meta may not (5.0)
+        return base
     if model.quantization:
         if model.quantization != "nf4":
             raise ValueError(f"model.quantization={model.quantization!r}: only 'nf4' (QLoRA) is supported")
@@ -67,12 +79,13 @@ def load_base_model(model: ModelArgs) -> nn.Module:
 
 
 def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | None = None,
-                trainable: bool = True) -> nn.Module:
+                trainable: bool = True, empty: bool = False) -> nn.Module:
     """Base model plus a fresh LoRA (seeded init) or the adapter saved at ``adapter_path``.
 
     With ``lora.enabled=False`` every parameter trains (full fine-tune) and no adapter is added.
+    ``empty``: the same modules (and trainable flags) on the ``meta`` device, without reading any weight.
     """
-    base = load_base_model(model)
+    base = load_base_model(model, empty=empty)
     if model.quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -89,6 +102,13 @@ def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | Non
         return base
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    if empty:  # the adapter's structure only: its values come from rank 0
+        config = LoraConfig.from_pretrained(str(adapter_path)) if adapter_path is not None else None
+        config = config or LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        config.inference_mode = not trainable
+        with torch.device("meta"):
+            return get_peft_model(base, config)
     if adapter_path is not None:
         return PeftModel.from_pretrained(base, str(adapter_path), is_trainable=trainable)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -6,6 +6,12 @@ every rank of every node (no tensor parallelism): each rank trains on its own ro
 decoder layer (the classes a Hugging Face model lists in ``_no_split_modules``) and then the
 root, so one layer's weights are gathered at a time.
 
+Start (``shard_from_rank0``): rank 0 loads the weights; every other rank builds the same modules on the
+``meta`` device (no memory), all ranks ``fully_shard``, the others allocate only their shards, and rank 0's
+full state dict is broadcast into the shards (``set_model_state_dict(..., broadcast_from_rank0=True)``);
+buffers (rotary frequencies, not in the state dict) are broadcast too. So host memory per node is one full
+copy (rank 0's) plus a shard per rank, instead of one full copy per rank.
+
 QLoRA + FSDP: bitsandbytes' 4-bit weights carry their quantization state on the parameter
 object, which sharding would drop, so they stay replicated (frozen, about 0.56 bytes per
 parameter) and everything else -- LoRA weights, embeddings, norms, ``lm_head`` -- is sharded.
@@ -80,6 +86,37 @@ def shard_model(model: nn.Module, mesh, args: FSDPArgs) -> nn.Module:
     fully_shard(model, **kwargs)
     if hasattr(model, "generate"):  # generate() bypasses the root's forward: gather its weights for it too
         register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def shard_from_rank0(build, mesh, args: FSDPArgs) -> nn.Module:
+    """The model ``build(empty)`` makes, sharded over ``mesh`` with rank 0's weights (module docstring).
+
+    ``build(empty: bool)`` returns the model with its weights (rank 0) or the same modules on ``meta``.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    model = build(rank != 0)
+    layout = [[(n, tuple(p.shape), id(p)) for n, p in model.named_parameters(remove_duplicate=False)]]
+    ids = {i: k for k, (_, _, i) in enumerate(layout[0])}
+    mine = [(n, shape, ids[i]) for n, shape, i in layout[0]]  # parameter sharing as positions, comparable
+    theirs = [mine]
+    dist.broadcast_object_list(theirs, src=0)
+    if theirs[0] != mine:
+        diff = sorted(set(map(tuple, theirs[0])) ^ set(map(tuple, mine)))[:3]
+        raise RuntimeError(f"rank {rank} built another model than rank 0 from its config (first differences: {diff}); "
+                           "set fsdp.load_on_rank0: false so that every rank loads the weights")
+    full = model.state_dict() if rank == 0 else {}  # keeps rank 0's full tensors alive through sharding
+    shard_model(model, mesh, args)
+    if rank != 0:
+        cuda = mesh.device_type == "cuda"
+        model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for _, buffer in sorted(model.named_buffers()):
+        dist.broadcast(buffer, src=0)
     return model
 
 

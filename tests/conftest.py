@@ -110,3 +110,30 @@ def run_cli(args: list[str], extra_path: str | None = None, timeout: int = 600, 
     out = subprocess.run([sys.executable, "-m", "prism_lightning", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def run_processes(commands: list[tuple[list[str], dict]], timeout: int = 600) -> None:
+    """Start every ``(argv, env)`` at once (the ranks of one job), wait for all, fail with a failing one's stderr.
+
+    Output goes to files, not pipes: a rank blocked on a full pipe while another waits for it at a barrier
+    would hang the job.
+    """
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, logs = [], []
+        for i, (argv, env) in enumerate(commands):
+            log = open(Path(tmp) / f"rank-{i}.log", "w+")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                p.kill() if p.poll() is None else None
+        for p, log in zip(procs, logs):
+            log.seek(0)
+            out = log.read()
+            log.close()
+            assert p.returncode == 0, out[-4000:]

@@ -21,3 +21,29 @@ class RecordTrainRows(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         record = {"seen": sorted(set(self.seen)), "served": trainer.datamodule.train_indices()}
         (self.out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (MB)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RecordModelMemory(L.Callback):
+    """Writes each rank's resident memory before the model is built and its peak once it is sharded."""
+
+    def __init__(self, out: str):
+        self.out, self.before = Path(out), 0.0
+
+    def setup(self, trainer, pl_module, stage):
+        self.before = resident_mb()  # Lightning calls configure_model after this hook
+
+    def on_train_start(self, trainer, pl_module):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank-{trainer.global_rank}.json").write_text(
+            json.dumps({"before_mb": self.before, "peak_mb": peak}))

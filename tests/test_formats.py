@@ -268,7 +268,7 @@ def test_tokenization_is_cached_and_keyed_by_its_settings(small_data, tmp_path, 
 
     first = make(64)
     first.load()
-    assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 3  # pool, chosen, rejected
+    assert len(list((tmp_path / "tokenized").glob("*/*.arrow"))) == 3  # pool, chosen, rejected
 
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again instead of reading the cache")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_processes
 from test_multinode import free_port
 
 pytestmark = pytest.mark.distributed
@@ -43,18 +43,13 @@ def test_torchrun_script_fsdp(small_data, tmp_path):
 
 
 def test_slurm_tasks_ddp(small_data, tmp_path):
-    port, procs = str(free_port()), []
-    for rank in (0, 1):
-        env = dict(os.environ, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID=str(rank),
-                   SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NAME="prism",
-                   SLURM_JOB_ID="4242", SLURM_NODELIST="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(REPO))
-        cmd = [sys.executable, "-m", "prism_lightning", "fit", "--config", "configs/tiny/warmup.yaml",
-               "--trainer.num_nodes", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-               *tiny_warmup_args(small_data, tmp_path)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "prism_lightning", "fit", "--config", "configs/tiny/warmup.yaml",
+           "--trainer.num_nodes", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           *tiny_warmup_args(small_data, tmp_path)]
+    run_processes([(cmd, dict(os.environ, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID=str(rank),
+                              SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NAME="prism", SLURM_JOB_ID="4242", SLURM_NODELIST="127.0.0.1",
+                              MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+                   for rank in (0, 1)])
     check_one_epoch(tmp_path)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_processes
 
 from prism_lightning.store.feature_store import FeatureStore
 
@@ -22,16 +21,10 @@ def free_port() -> int:
 
 def two_nodes(args: list[str]) -> None:
     port = str(free_port())
-    procs = []
-    for node in (0, 1):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
-                   PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "prism_lightning", *args, "--trainer.num_nodes", "2",
-                                       "--trainer.devices", "1", "--trainer.strategy", "ddp"], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+    argv = [sys.executable, "-m", "prism_lightning", *args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+            "--trainer.strategy", "ddp"]
+    run_processes([(argv, dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
+                               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")) for node in (0, 1)])
 
 
 @pytest.mark.distributed

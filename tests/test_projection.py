@@ -54,3 +54,45 @@ def test_blocked_equals_dense():
 def test_none_concatenates_in_name_order():
     x = torch.randn(3, 800)
     torch.testing.assert_close(project(ProjectionArgs(kind="none"), x), x)
+
+
+def _reference_sign(key: int, n: int) -> int:
+    """The documented Rademacher scheme in plain Python integers: the sign of counter ``n`` under ``key``."""
+    def h(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    lo, hi = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    return 1 if h(h((n & 0xFFFFFFFF) ^ lo) ^ h((n >> 32) ^ hi)) >> 31 else -1
+
+
+def test_rademacher_is_the_documented_integer_scheme_whatever_the_blocks():
+    """Integer-only generation: equal to a pure-Python reference (so to any device's), rows of any block size."""
+    from prism_lightning.influence.projection import module_seed, rademacher_block
+
+    dim, key = 48, module_seed(7, "layer.a")
+    block = rademacher_block(7, "layer.a", 2**27 + 5, 3, dim)  # counters n = i k + j beyond 2^32
+    want = torch.tensor([[_reference_sign(key, (2**27 + 5 + i) * dim + j) for j in range(dim)] for i in range(3)])
+    assert torch.equal(block.sign(), want.float()) and torch.equal(block.abs(), torch.full_like(block, dim**-0.5))
+    whole = dense_rademacher(ProjectionArgs(kind="rademacher", dim=dim, seed=7), {"layer.a": 500})
+    for rows in (1, 7, 128, 500):
+        args = ProjectionArgs(kind="rademacher", dim=dim, seed=7, block_rows=rows, cache_mb=0)
+        x = torch.eye(500)
+        out = torch.zeros(500, dim)
+        Projector(args, {"layer.a": 500}).add(out, "layer.a", x)
+        assert torch.equal(out, whole)
+    signs = whole.sign()
+    assert abs(signs.mean().item()) < 0.02  # balanced
+    gram = signs.T @ signs / signs.shape[0]  # columns nearly orthogonal
+    assert (gram - torch.eye(dim)).abs().max().item() < 0.25
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: same Rademacher matrix on cuda and cpu")
+def test_rademacher_equal_on_cpu_and_gpu():
+    from prism_lightning.influence.projection import rademacher_block
+
+    cpu = rademacher_block(3, "m", 100, 4096, 1024)
+    assert torch.equal(rademacher_block(3, "m", 100, 4096, 1024, "cuda").cpu(), cpu)

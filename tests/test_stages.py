@@ -49,12 +49,14 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
     main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--trainer.accumulate_grad_batches", "4",
           "--trainer.gradient_clip_val", "0.5", "--trainer.logger", "CSVLogger",
           "--trainer.logger.save_dir", str(tmp_path / "logs"),
-          "--trainer.callbacks+=LearningRateMonitor", "--data.shuffle", "false"])
+          "--trainer.callbacks+=LearningRateMonitor", "--data.shuffle", "false",
+          "--data.group_by_length", "true", "--data.max_tokens_per_batch", "512"])
     t, dm = seen["trainer"], seen["data"]
     assert t.accumulate_grad_batches == 4 and t.gradient_clip_val == 0.5
     assert isinstance(t.logger, CSVLogger) and t.logger.version == "exp/seed-0/warmup"
     assert any(isinstance(c, LearningRateMonitor) for c in t.callbacks)
     assert dm.hparams.shuffle is False and dm.hparams.pool == "p.jsonl" and dm.hparams.max_length == 64
+    assert dm.hparams.group_by_length is True and dm.hparams.max_tokens_per_batch == 512
 
 
 class SwapRows(Callback):

@@ -9,6 +9,14 @@ For each workload it measures, side by side in one invocation, examples/s of
     and projection), and prints the ratios a/b and c/b. Peak memory is measured per case in a
 fresh process (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). Targets: b >= 0.7 a,
 b >= 5 c on the larger workload.
+
+``--grid`` explains why the ratio a/b differs between setups: on one model shape, batch and token
+count it measures (a) and (b) for every combination of LoRA rank (16, 128), model dtype (float32,
+bfloat16) and attention (eager, sdpa). Per-example work (the [B, out, in] gradients, Adam
+preconditioning, projection, norms) grows with the LoRA parameter count and stays in fp32, while the
+forward/backward it is compared with shrinks with bf16 and sdpa; so the ratio falls with a larger rank,
+bf16 and sdpa. This is how the two GPU figures on record (0.67x from this script: r=128, bf16, sdpa;
+0.98x from tools/bench_peers on its 1B workload: r=16, fp32 with TF32, eager) are compared.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ WORKLOADS = {
 }
 
 
-def build(workload: str, device: str):
+def build(workload: str, device: str, lora_r: int | None = None, attn: str | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -46,7 +54,9 @@ def build(workload: str, device: str):
         with torch.device(device):  # random init on the GPU: seconds instead of a minute for 1B
             base = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                                 num_key_value_heads=heads, intermediate_size=inter, vocab_size=vocab,
-                                                max_position_embeddings=seq * 2))
+                                                max_position_embeddings=seq * 2,
+                                                **({"attn_implementation": attn} if attn else {})))
+    r = lora_r or r
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():
@@ -61,7 +71,8 @@ def build(workload: str, device: str):
     return model, batch_d
 
 
-def run_case(workload: str, case: str, device: str, reps: int, proj_kind: str, dim: int) -> dict:
+def run_case(workload: str, case: str, device: str, reps: int, proj_kind: str, dim: int, lora_r: int | None = None,
+             attn: str | None = None) -> dict:
     from prism_lightning.config import ProjectionArgs
     from prism_lightning.influence.extract import gradient_features
     from prism_lightning.influence.objective import mean_logprob
@@ -69,7 +80,7 @@ def run_case(workload: str, case: str, device: str, reps: int, proj_kind: str, d
     from prism_lightning.influence.preconditioners import Adam, adam_precondition
     from prism_lightning.influence.projection import Projector
 
-    model, batch = build(workload, device)
+    model, batch = build(workload, device, lora_r, attn)
     layers = lora_linears(model)
     moments = {n: (torch.randn(m.weight.shape, device=device) * 1e-3,
                    torch.rand(m.weight.shape, device=device) * 1e-6) for n, m in layers.items()}
@@ -127,14 +138,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPU); features stay fp32")
     parser.add_argument("--quick", action="store_true", help="1 rep, tiny workload only (a dry run)")
+    parser.add_argument("--grid", action="store_true", help="train_step and extract for LoRA r 16/128 x dtype "
+                        "float32/bfloat16 x attention eager/sdpa on each workload (see the docstring)")
+    parser.add_argument("--lora-r", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attn", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
     if args.case:  # child process: one case, JSON on stdout
-        print(json.dumps(run_case(args.workload, args.case, args.device, args.reps, args.projection, args.dim)))
+        print(json.dumps(run_case(args.workload, args.case, args.device, args.reps, args.projection, args.dim,
+                                  args.lora_r, args.attn)))
         return
+    if args.grid:
+        return grid(args)
     if args.quick:
         args.workloads, args.reps = "tiny", 1
     print(f"device={args.device} dtype={args.dtype} projection={args.projection} k={args.dim} reps={args.reps} "
@@ -161,6 +179,32 @@ def main() -> None:
         print(f"{workload}: extraction throughput = {a_b:.2f} x plain training step; "
               f"{b_c:.1f} x the batch-size-1 loop ({res['extract']['lora_params']:,} LoRA params)")
     print(json.dumps(summary))
+
+
+def grid(args) -> None:
+    """extract / train_step for each LoRA rank x dtype x attention on the same model, batch and tokens."""
+    print(f"device={args.device} projection={args.projection} k={args.dim} reps={args.reps} "
+          f"threads={torch.get_num_threads()}")
+    header = f"{'workload':<13}{'r':>5}{'dtype':>10}{'attn':>7}{'train ex/s':>12}{'extract ex/s':>14}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    table = []
+    for workload in args.workloads.split(","):
+        for r in (16, 128):
+            for dtype in ("float32", "bfloat16"):
+                for attn in ("eager", "sdpa"):
+                    res = {}
+                    for case in ("train_step", "extract"):
+                        cmd = [sys.executable, __file__, "--case", case, "--workload", workload, "--reps",
+                               str(args.reps), "--projection", args.projection, "--dim", str(args.dim), "--device",
+                               args.device, "--dtype", dtype, "--lora-r", str(r), "--attn", attn]
+                        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                        res[case] = json.loads(out.stdout.strip().splitlines()[-1])["examples_per_s"]
+                    ratio = res["extract"] / res["train_step"]
+                    table.append({"workload": workload, "r": r, "dtype": dtype, "attn": attn, **res, "ratio": ratio})
+                    print(f"{workload:<13}{r:>5}{dtype:>10}{attn:>7}{res['train_step']:>12.1f}{res['extract']:>14.1f}"
+                          f"{ratio:>7.2f}x", flush=True)
+    print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ class PrismDataModule(L.LightningDataModule):
         batch_size: training rows per step and rank (global batch = batch_size x devices x
             num_nodes x accumulate_grad_batches).
         shuffle: reshuffle the training rows each epoch (seeded; ``false`` keeps pool order).
+        group_by_length: training steps of rows of similar length (``batch_size`` rows each, seeded groups of
+            ``length_group_size`` global batches sorted by length, batches shuffled; see ``data.samplers``):
+            less padding; each row still seen once per epoch, the global batches independent of the process count.
+        length_group_size: global batches per length group (``group_by_length``); larger groups pad less and mix less.
+        max_tokens_per_batch: feature extraction in batches of similar length: each shard's rows sorted by length
+            and packed up to this many padded tokens (a target pair counts both answers), at most
+            ``eval_batch_size`` rows. The store is the same whatever the batching. None: ``eval_batch_size`` rows
+            in row order, padded to the longest.
         eval_batch_size: rows per evaluation and feature-extraction batch.
         num_workers: DataLoader worker processes.
         shard_size: rows per feature-store shard (prediction splits work by whole shards).
@@ -63,12 +71,18 @@ class PrismDataModule(L.LightningDataModule):
                  seed: int = 0, max_length: int = 256, truncation: Literal["left", "error"] = "left",
                  batch_size: int = 8, eval_batch_size: int = 16, num_workers: int = 0, shard_size: int = 256,
                  selection_file: str | None = None, shuffle: bool = True, cache_dir: str | None = None,
-                 tokenize_workers: int = 1):
+                 tokenize_workers: int = 1, group_by_length: bool = False, length_group_size: int = 64,
+                 max_tokens_per_batch: int | None = None):
         super().__init__()
         if train_on not in ("warmup", "pool", "selection"):
             raise ValueError(f"data.train_on={train_on!r} must be 'warmup', 'pool' or 'selection'")
         if not 0 < warmup_fraction <= 1:
             raise ValueError(f"data.warmup_fraction={warmup_fraction} must be in (0, 1]")
+        if max_tokens_per_batch is not None and max_tokens_per_batch < max_length:
+            raise ValueError(f"data.max_tokens_per_batch={max_tokens_per_batch} must be at least data.max_length="
+                             f"{max_length} (a row of max_length tokens must fit a batch); raise it or unset it")
+        if length_group_size < 1:
+            raise ValueError(f"data.length_group_size={length_group_size} must be >= 1")
         self.save_hyperparameters()
         self.cols = Columns(**columns) if isinstance(columns, dict) else (columns or Columns())
         self.predict_plan: list[PredictTask] | None = None
@@ -187,7 +201,9 @@ class PrismDataModule(L.LightningDataModule):
         if self.trainer is not None:
             split = {k: v for k, v in (self.trainer.distributed_sampler_kwargs or {}).items()
                      if k in split} or split
-        sampler = GlobalBatchSampler(len(ds), hp.batch_size, shuffle=hp.shuffle, seed=hp.seed, **split)
+        sampler = GlobalBatchSampler(len(ds), hp.batch_size, shuffle=hp.shuffle, seed=hp.seed,
+                                     lengths=ds.lengths() if hp.group_by_length else None,
+                                     group_size=hp.length_group_size, **split)
         return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
                           collate_fn=SFTCollator(self.tokenizer.pad_token_id))
 
@@ -249,6 +265,6 @@ class PrismDataModule(L.LightningDataModule):
         for task in plan:
             ds, collate = self.split_dataset(task.split)
             batches = ShardBatches(ds, collate, task.shards, self.hparams.shard_size,
-                                   self.hparams.eval_batch_size)
+                                   self.hparams.eval_batch_size, self.hparams.max_tokens_per_batch)
             loaders.append(DataLoader(batches, batch_size=None, num_workers=self.hparams.num_workers))
         return loaders

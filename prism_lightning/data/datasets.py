@@ -8,8 +8,21 @@ from torch.utils.data import Dataset
 from prism_lightning.data.tokenize import Encoded, pad_batch
 
 
+def token_lengths(encoded, rows: range | None = None) -> list[int]:
+    """Tokens per encoded row (of ``rows``, default all): ``EncodedRows.lengths`` or a list of ``Encoded``."""
+    if hasattr(encoded, "lengths"):
+        return encoded.lengths(rows)
+    return [len(encoded[i].input_ids) for i in (rows if rows is not None else range(len(encoded)))]
+
+
 class SFTDataset(Dataset):
-    """Encoded SFT rows; an item is ``(row_index, Encoded)`` (the index into the source file)."""
+    """Encoded SFT rows; an item is ``(row_index, Encoded)`` (the index into the source file).
+
+    ``lengths()`` gives each item's tokens and ``rows_per_item`` the rows it adds to a batch (1), which
+    length-aware batching uses to count padded tokens.
+    """
+
+    rows_per_item = 1
 
     def __init__(self, encoded: list[Encoded], indices: list[int] | None = None):
         self.encoded = encoded
@@ -22,9 +35,20 @@ class SFTDataset(Dataset):
         j = self.indices[i]
         return j, self.encoded[j]
 
+    def lengths(self, positions: range | None = None) -> list[int]:
+        """Tokens of each item (of ``positions``, default all), in item order."""
+        rows = [self.indices[p] for p in (positions if positions is not None else range(len(self)))]
+        if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows):  # contiguous: a slice
+            return token_lengths(self.encoded, range(rows[0], rows[-1] + 1))
+        every = token_lengths(self.encoded)
+        return [every[j] for j in rows]
+
 
 class PairDataset(Dataset):
-    """Encoded preference pairs; an item is ``(row_index, chosen, rejected)``."""
+    """Encoded preference pairs; an item is ``(row_index, chosen, rejected)``: two rows of a batch, padded
+    to the longer of the two (``lengths()``)."""
+
+    rows_per_item = 2
 
     def __init__(self, chosen: list[Encoded], rejected: list[Encoded]):
         self.chosen, self.rejected = chosen, rejected
@@ -34,6 +58,11 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Encoded, Encoded]:
         return i, self.chosen[i], self.rejected[i]
+
+    def lengths(self, positions: range | None = None) -> list[int]:
+        """The longer answer's tokens of each pair (of ``positions``, default all)."""
+        return [max(c, r) for c, r in zip(token_lengths(self.chosen, positions),
+                                          token_lengths(self.rejected, positions))]
 
 
 class SFTCollator:

@@ -58,6 +58,7 @@ class EncodedRows(Sequence):
 
     def __init__(self, table):
         self.table = table
+        self._lengths = None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -65,6 +66,17 @@ class EncodedRows(Sequence):
     def __getitem__(self, i: int) -> Encoded:
         row = self.table[int(i)]
         return Encoded(row["input_ids"], row["prompt_len"])
+
+    def lengths(self, rows: range | None = None) -> list[int]:
+        """Tokens per row (of ``rows``, default all), read from the Arrow column's offsets: no ids decoded."""
+        import pyarrow.compute as pc
+
+        column = self.table.data.column("input_ids")
+        if rows is not None:
+            return pc.list_value_length(column.slice(rows.start, len(rows))).to_numpy().tolist()
+        if self._lengths is None:  # int32, 4 bytes a row
+            self._lengths = pc.list_value_length(column).to_numpy()
+        return self._lengths.tolist()
 
 
 def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_length: int, truncation: str,
@@ -77,7 +89,9 @@ def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_le
 
     digest = json_digest({"rows": rows_digest(rows), "side": side, "tokenizer": tokenizer_identity(tokenizer),
                           "max_length": max_length, "truncation": truncation, "version": __version__, "format": 1})
-    path = cache_root(cache_dir) / "tokenized" / f"{digest}.arrow"
+    # one folder per datasets release: an Arrow file's feature metadata written by one release may not load in
+    # another (e.g. 4.x's List type in 3.x), while the ids, hence the digest, are the same
+    path = cache_root(cache_dir) / "tokenized" / f"datasets-{datasets.__version__}" / f"{digest}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     source = datasets.Dataset.from_dict({
         "row": list(range(len(rows))), "id": [r.id for r in rows],

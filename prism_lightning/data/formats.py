@@ -64,8 +64,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                                       f"{err.start}); re-encode the file as UTF-8") from None
 
 
-def _json_lines(path: Path) -> list[dict]:
-    rows = []
+def _json_objects(path: Path) -> Iterator[dict]:
+    """The objects of a JSON Lines file one at a time (blank lines skipped); a bad line is refused by number."""
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -76,8 +76,11 @@ def _json_lines(path: Path) -> list[dict]:
                                   "object (JSON Lines)") from None
         if not isinstance(row, dict):
             raise DataFormatError(f"{path}: line {lineno}: a JSON {type(row).__name__}, not an object with fields")
-        rows.append(row)
-    return rows
+        yield row
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return list(_json_objects(path))
 
 
 def _json(path: Path) -> list[dict]:
@@ -317,16 +320,7 @@ def iter_records(path: str | Path | DatasetSpec) -> Iterator[dict]:
     """The records of a data file one at a time: JSONL and CSV are streamed; other formats are read whole."""
     p = Path(path) if isinstance(path, str | Path) else None
     if p is not None and p.suffix == ".jsonl" and p.is_file():
-        for lineno, line in _lines(p):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{p}: line {lineno}: invalid JSON ({err.msg}); each line must be one "
-                                          "JSON object (JSON Lines)") from None
-                if not isinstance(row, dict):
-                    raise DataFormatError(f"{p}: line {lineno}: a JSON {type(row).__name__}, not an object")
-                yield row
+        yield from _json_objects(p)
         return
     yield from read_records(path)
 

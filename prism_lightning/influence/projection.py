@@ -6,8 +6,11 @@ projection of the whole gradient is the sum of per-module projections ``sum_m P_
 it is computed one module at a time and never needs a ``P x k`` matrix in memory.
 
 - ``none``: no projection; features are the raw gradients concatenated in module-name order.
-- ``rademacher``: dense entries ``+-1/sqrt(k)``, generated in row blocks from a CPU generator
-  seeded by (seed, module name, block): identical across runs, devices and processes.
+- ``rademacher``: dense entries ``+-1/sqrt(k)``, generated where the gradient is (GPU or CPU) by a
+  counter-based hash: entry (i, j) of module m's matrix is the top bit of
+  ``h(h(n_lo ^ key_lo) ^ h(n_hi ^ key_hi))`` with ``n = i k + j``, ``key = module_seed(seed, m)`` and ``h``
+  a 32-bit integer hash (``hash32``). Integer arithmetic only, so every device, process and block size
+  gives the same matrix, and a GPU never waits for the host to generate it.
 - ``sjlt``: sparse sign sketch (Kane & Nelson's sparse JL); each input coordinate is sent to
   ``s`` random buckets with random signs ``+-1/sqrt(s)``: cost O(B * P * s) instead of O(B * P * k).
 
@@ -25,8 +28,12 @@ from prism_lightning.config import ProjectionArgs
 
 
 def projection_identity(args: ProjectionArgs) -> dict:
-    """The settings that determine the projected values (the cache budget does not)."""
-    return {k: v for k, v in asdict(args).items() if k != "cache_mb"}
+    """The settings that determine the projected values (the cache budget does not), and for ``rademacher``
+    the generation scheme."""
+    out = {k: v for k, v in asdict(args).items() if k != "cache_mb"}
+    if args.kind == "rademacher":
+        out["scheme"] = RADEMACHER_SCHEME
+    return out
 
 
 def module_seed(seed: int, name: str, block: int = 0) -> int:
@@ -34,11 +41,41 @@ def module_seed(seed: int, name: str, block: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 65_537 + block) % (2**63 - 1)
 
 
-def rademacher_block(seed: int, name: str, block: int, rows: int, dim: int) -> torch.Tensor:
-    """Rows ``[block * block_rows, ...)`` of module ``name``'s ``P_m x k`` matrix, entries ``+-1/sqrt(k)``."""
-    gen = torch.Generator().manual_seed(module_seed(seed, name, block))
-    signs = torch.randint(0, 2, (rows, dim), generator=gen, dtype=torch.int8)
-    return (signs.float() * 2 - 1) / dim**0.5
+MASK32 = 0xFFFFFFFF
+RADEMACHER_SCHEME = "hash32-counter-v1"  # in the projection identity: stores made otherwise are refused
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2^32`` for int64 ``x`` in ``[0, 2^32)``, in two 16-bit halves (no int64 overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash with full avalanche (Wellons' lowbias32) on int64 tensors in ``[0, 2^32)``."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rademacher_block(seed: int, name: str, start: int, rows: int, dim: int, device=None) -> torch.Tensor:
+    """Rows ``[start, start + rows)`` of module ``name``'s ``P_m x k`` matrix, entries ``+-1/sqrt(k)``, made on
+    ``device`` (see the module docstring for the scheme)."""
+    key = module_seed(seed, name)
+    key_lo, key_hi = key & MASK32, (key >> 32) & MASK32
+    out = torch.empty(rows, dim, device=device)
+    cols = torch.arange(dim, device=device, dtype=torch.int64)
+    step = max(1, 2**22 // dim)  # int64 temporaries of at most 32 MiB
+    for lo in range(0, rows, step):
+        n = (torch.arange(start + lo, start + min(lo + step, rows), device=device, dtype=torch.int64)
+             .unsqueeze(1) * dim + cols)
+        high = (n >> 32) ^ key_hi
+        if (start + rows) * dim <= 2**32:  # every counter below 2^32: the high word's hash is one number
+            high = high[:1, :1]
+        h = hash32(hash32((n & MASK32) ^ key_lo) ^ hash32(high))
+        out[lo:lo + step] = ((h >> 31).float() * 2 - 1) / dim**0.5
+    return out
 
 
 def sjlt_map(seed: int, name: str, n_in: int, dim: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +128,8 @@ class Projector:
             return
         for block, start in enumerate(range(0, grad.shape[1], a.block_rows)):
             stop = min(start + a.block_rows, grad.shape[1])
-            mat = self._cached(("rad", name, block, dev), lambda b=block, n=stop - start: rademacher_block(
-                a.seed, name, b, n, a.dim).to(dev))
+            mat = self._cached(("rad", name, block, dev), lambda first=start, n=stop - start: rademacher_block(
+                a.seed, name, first, n, a.dim, dev))
             out.addmm_(grad[:, start:stop], mat)
 
     def new_output(self, batch: int, device) -> torch.Tensor:
@@ -103,6 +140,5 @@ def dense_rademacher(args: ProjectionArgs, sizes: dict[str, int]) -> torch.Tenso
     """The full ``P x k`` Rademacher matrix in module-name order (tests and small models only)."""
     blocks = []
     for name, size in sorted(sizes.items()):
-        for block, start in enumerate(range(0, size, args.block_rows)):
-            blocks.append(rademacher_block(args.seed, name, block, min(args.block_rows, size - start), args.dim))
+        blocks.append(rademacher_block(args.seed, name, 0, size, args.dim))
     return torch.cat(blocks)

@@ -15,7 +15,7 @@ from prism_lightning.eval.generation import extract_answer, greedy_generate, pai
 from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.io import atomic_write_text
 from prism_lightning.modeling import build_model, trainable_named_parameters
-from prism_lightning.sharding import shard_model
+from prism_lightning.sharding import shard_from_rank0, shard_model
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float):
@@ -74,10 +74,17 @@ class SFTModule(L.LightningModule):
         self.strict_loading = False
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_model(self.model_args, self.lora_args, adapter_path=self.adapter_path)
-            if self._device_mesh is not None:
-                shard_model(self.model, self._device_mesh, self.fsdp_args)
+        if self.model is not None:
+            return
+        mesh = self._device_mesh
+        if mesh is not None and self.fsdp_args.load_on_rank0 and not self.model_args.quantization:
+            self.model = shard_from_rank0(lambda empty: build_model(self.model_args, self.lora_args,
+                                                                    adapter_path=self.adapter_path, empty=empty),
+                                          mesh, self.fsdp_args)
+            return
+        self.model = build_model(self.model_args, self.lora_args, adapter_path=self.adapter_path)
+        if mesh is not None:
+            shard_model(self.model, mesh, self.fsdp_args)
 
     def row_loss(self, batch: dict) -> torch.Tensor:
         """Per-row token-mean response loss ``-lbar`` [B]."""

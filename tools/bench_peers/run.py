@@ -3,6 +3,7 @@
 Run (after ``bash tools/bench_peers/setup.sh``)::
 
     .venv-peers/bin/python tools/bench_peers/run.py --workloads S,L
+    .venv-peers/bin/python tools/bench_peers/run.py --workloads V --cases "$(python tools/bench_peers/run.py --v-cases)"
 
 Every case runs in its own process (peak RSS per case) on the same model and rows and computes
 the full ``pool x target`` score matrix from per-example LoRA gradients of the token-mean
@@ -20,6 +21,15 @@ response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiate
 - ``dattri-llm:tracin`` / ``dattri-llm:ekfac``: dattri-llm's attributors (live hook capture);
 - ``bergson:build+query-p``: Bergson builds an on-disk index of the pool (per-module projection to
   ``p x p``; 0 = none), builds the query index, then scores every query against the index.
+
+Workload ``V`` (variable length) runs the L model on rows whose lengths are drawn from a seeded
+log-normal (median 100 tokens, sigma 0.99 so that 1% exceed 1,000; cut at 1,200; the response is each
+row's second half). Every case batches as it is normally used: ``batch`` rows in pool order padded to the
+batch's longest (our ``ours:*`` cases, ``train_step``, kronfluence, dattri's LoGra through a padding
+collate), Bergson with its own token-budget allocator, and ``ours:adam+sjlt-8192+tokens`` with the
+project's length-aware feature batching (``data.max_tokens_per_batch``: each 256-row shard sorted by
+length, packed up to ``V_TOKENS`` padded tokens, at most 64 rows). dattri-llm's ``attribute`` has no
+collate hook, so rows of different lengths cannot be batched: it is left out of V.
 
 Agreement-only cases (``tests/test_peers.py``): ``ours:adam+none`` (Adam features, no projection,
 unit-normalised), ``dattri-llm:less`` (the same maths in dattri-llm's LESS attributor) and
@@ -49,7 +59,12 @@ WORKLOADS = {
     "S": (256, 4, 4, 2048, 128, 8, 512, 32, 16),
     "L": (512, 8, 8, 2048, 256, 16, 1024, 64, 8),
     "1B": (2048, 16, 16, 32000, 512, 16, 512, 32, 8),  # GPU only: random-init 1.2B Llama (Llama-3.2-1B widths)
+    "V": (512, 8, 8, 2048, 1200, 16, 512, 32, 8),  # the L model, variable lengths up to 1,200 (see above)
 }
+V_MEDIAN, V_SIGMA, V_MIN = 100, 0.99, 8  # log-normal row lengths of workload V
+V_TOKENS, V_MAX_ROWS, V_SHARD = 4096, 64, 256  # our length-aware feature batching on V
+V_CASES = ["train_step", "ours:adam+sjlt-8192", "ours:adam+sjlt-8192+tokens", "kronfluence:identity",
+           "dattri:logra-256", "bergson:build+query-16"]
 CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
          "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
          "dattri:logra-256", "dattri-llm:tracin", "dattri-llm:ekfac", "bergson:build+query-16"]
@@ -57,6 +72,7 @@ CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours
 EXTRA_CASES = ["ours:adam+none", "dattri-llm:less", "bergson:build+query-0"]
 ADAM_STEP = 10**6  # dattri-llm's LESS applies Adam's bias correction; at a late step it is 1 to float precision
 REFERENCE = "ours:adam+sjlt-8192"
+REFERENCE_V = "ours:adam+sjlt-8192+tokens"
 
 
 def build(workload: str, device: str = "cpu"):
@@ -84,10 +100,16 @@ def build(workload: str, device: str = "cpu"):
     def rows(n: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab, (n, seq), generator=g)
-        labels = ids.clone()
-        labels[:, : seq // 2] = -100  # the response is the second half
-        return {k: v.to(device) for k, v in
-                {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+        if workload == "V":
+            normal = torch.randn(n, generator=torch.Generator().manual_seed(seed + 100))
+            lengths = (V_MEDIAN * torch.exp(V_SIGMA * normal)).round().long().clamp(V_MIN, seq)
+        else:
+            lengths = torch.full((n,), seq)
+        position = torch.arange(seq).unsqueeze(0)
+        mask = (position < lengths.unsqueeze(1)).long()
+        ids = ids * mask  # right padding with token 0
+        labels = ids.masked_fill((position < (lengths // 2).unsqueeze(1)) | (mask == 0), -100)  # response: 2nd half
+        return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
     return model, rows(n_pool, 2), rows(n_target, 3), batch
 
@@ -105,14 +127,34 @@ def n_rows(*datas: dict) -> int:
     return sum(d["input_ids"].shape[0] for d in datas)
 
 
+def lengths_of(data: dict) -> list[int]:
+    return data["attention_mask"].sum(1).tolist()
+
+
+def take(data: dict, rows: list[int]) -> dict:
+    """Rows of a batch dict, padded to their longest (dynamic padding)."""
+    index = torch.tensor(rows, device=data["input_ids"].device)
+    width = int(data["attention_mask"][index].sum(1).max())
+    return {k: v[index, :width] for k, v in data.items()}
+
+
 def batches(data: dict, size: int):
+    """``size`` rows at a time in pool order, each batch padded to its longest row."""
     n = data["input_ids"].shape[0]
     for s in range(0, n, size):
-        yield {k: v[s: s + size] for k, v in data.items()}
+        yield take(data, list(range(s, min(s + size, n))))
+
+
+def pad_collate(items: list[dict]) -> dict:
+    """Stack per-row dicts of different lengths, right-padded (ids 0, mask 0, labels -100)."""
+    width = max(x["input_ids"].shape[0] for x in items)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.stack([torch.nn.functional.pad(x[k], (0, width - x[k].shape[0]), value=v) for x in items])
+            for k, v in fill.items()}
 
 
 class Rows(torch.utils.data.Dataset):
-    """A batch dict as a map-style dataset of per-row dicts (what the peers' loaders expect)."""
+    """A batch dict as a map-style dataset of per-row dicts, each cut to its own length (``pad_collate``)."""
 
     def __init__(self, data: dict):
         self.data = data
@@ -121,7 +163,8 @@ class Rows(torch.utils.data.Dataset):
         return self.data["input_ids"].shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.data.items()}
+        n = int(self.data["attention_mask"][i].sum())
+        return {k: v[i, :n] for k, v in self.data.items()}
 
 
 def adam_moments(layers: dict) -> dict:
@@ -165,7 +208,20 @@ def case_bs1_loop(model, pool, target, batch):
     return scores, rows / extract, time.perf_counter() - start
 
 
-def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False):
+def length_batches(data: dict):
+    """The project's length-aware feature batching: per ``V_SHARD``-row shard, ``token_batches``; returns
+    (batch dicts, the row order they hold)."""
+    from prism_lightning.data.samplers import token_batches
+
+    n, lengths = data["input_ids"].shape[0], lengths_of(data)
+    groups = [b for s in range(0, n, V_SHARD)
+              for b in token_batches(list(range(s, min(s + V_SHARD, n))), lengths[s:s + V_SHARD], V_MAX_ROWS,
+                                     V_TOKENS)]
+    return [take(data, b) for b in groups], [i for b in groups for i in b]
+
+
+def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False,
+              by_tokens: bool = False):
     from prism_lightning.config import ProjectionArgs
     from prism_lightning.influence.extract import gradient_features
     from prism_lightning.influence.per_example import lora_linears
@@ -175,11 +231,18 @@ def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: i
     layers = lora_linears(model)
     projector = Projector(ProjectionArgs(kind=kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
     pre = Adam.from_moments(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
+
+    def features(data: dict, precondition) -> torch.Tensor:
+        if not by_tokens:
+            return torch.cat([gradient_features(model, layers, b, projector, precondition, normalize=normalize)[0]
+                              for b in batches(data, batch)])
+        groups, order = length_batches(data)
+        out = torch.cat([gradient_features(model, layers, b, projector, precondition, normalize=normalize)[0]
+                         for b in groups])
+        return out[torch.argsort(torch.tensor(order, device=out.device))]  # back to row order
+
     start = time.perf_counter()
-    f_pool = torch.cat([gradient_features(model, layers, b, projector, pre, normalize=normalize)[0]
-                        for b in batches(pool, batch)])
-    f_target = torch.cat([gradient_features(model, layers, b, projector, None, normalize=normalize)[0]
-                          for b in batches(target, batch)])
+    f_pool, f_target = features(pool, pre), features(target, None)
     extract = time.perf_counter() - start
     scores = f_target.double() @ f_pool.double().T
     rows = n_rows(pool, target)
@@ -190,6 +253,7 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
     from prism_lightning.influence.per_example import lora_linears
 
@@ -214,6 +278,7 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
         prepared = prepare_model(model, task)
         analyzer = Analyzer("bench", prepared, task, cpu=pool["input_ids"].device.type == "cpu", disable_tqdm=True,
                             output_dir=tmp)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad_collate))
         analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
@@ -326,7 +391,8 @@ def case_dattri_logra(model, pool, target, batch, dim: int):
     device = str(pool["input_ids"].device)
     task = AttributionTask(loss_func=lambda m, b, dev=None: row_losses(m, b).sum(), model=model,
                            checkpoints=model.state_dict())
-    loader = lambda data: torch.utils.data.DataLoader(Rows(data), batch_size=batch, shuffle=False)  # noqa: E731
+    loader = lambda data: torch.utils.data.DataLoader(Rows(data), batch_size=batch, shuffle=False,  # noqa: E731
+                                                      collate_fn=pad_collate)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # its metadata file goes to cache_dir (default: the working dir)
         attributor = LoGraAttributor(task, layer_names=names, hessian="eFIM", device=device, proj_dim=dim,
@@ -345,24 +411,28 @@ def case_bergson(model, pool, target, batch, dim: int):
 
     from bergson import Attributor, collect_gradients, load_gradients
     from bergson.config.config import IndexConfig
-    from bergson.data import column_offsets
+    from bergson.data import allocate_batches, column_offsets
     from bergson.utils.worker_utils import extract_peft_target_modules, processor_for
     from datasets import Dataset
 
     modules = extract_peft_target_modules(model)
     seq = pool["input_ids"].shape[1]
+    variable = len(set(lengths_of(pool))) > 1
 
     def build_index(data: dict, path: str) -> None:
-        cfg = IndexConfig(run_path=path, projection_dim=dim, loss_reduction="mean", token_batch_size=batch * seq)
+        tokens = V_TOKENS if variable else batch * seq
+        cfg = IndexConfig(run_path=path, projection_dim=dim, loss_reduction="mean", token_batch_size=tokens)
         cfg.partial_run_path.mkdir(parents=True)
         processor = processor_for(cfg)
         processor.save(cfg.partial_run_path)
-        n = data["input_ids"].shape[0]
-        ds = Dataset.from_dict({"input_ids": data["input_ids"].tolist(), "labels": data["labels"].tolist(),
-                                "length": [seq] * n})
-        collect_gradients(model, ds, processor, cfg, batches=[list(range(s, min(s + batch, n)))
-                                                              for s in range(0, n, batch)],
-                          target_modules=modules)
+        n, lengths = data["input_ids"].shape[0], lengths_of(data)
+        rows = [Rows(data)[i] for i in range(n)]
+        ds = Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in rows],
+                                "labels": [r["labels"].tolist() for r in rows], "length": lengths})
+        # fixed length: consecutive batches; variable: Bergson's own token-budget allocator
+        plan = (allocate_batches(lengths, tokens) if variable else
+                [list(range(s, min(s + batch, n))) for s in range(0, n, batch)])
+        collect_gradients(model, ds, processor, cfg, batches=plan, target_modules=modules)
         shutil.move(cfg.partial_run_path, cfg.run_path)
 
     start = time.perf_counter()
@@ -396,7 +466,8 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
         scores, rate, secs = case_ours(model, pool, target, batch, "adam", "none", 0, normalize=True)
     elif case.startswith("ours:adam+"):
         kind, dim = case.split("+")[1].split("-")
-        scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim))
+        scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim),
+                                       by_tokens=case.endswith("+tokens"))
     elif case.startswith("dattri-llm:"):
         scores, rate, secs = case_dattri_llm(model, pool, target, batch, case.split(":")[1])
     elif case.startswith("dattri:logra-"):
@@ -408,7 +479,7 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
     elif case.startswith("kronfluence:"):
         scores, rate, secs = case_kronfluence(model, pool, target, batch, case.split(":")[1])
     else:
-        raise ValueError(f"unknown case {case!r}; choose from {CASES + EXTRA_CASES}")
+        raise ValueError(f"unknown case {case!r}; choose from {CASES + EXTRA_CASES + V_CASES}")
     if device == "cuda":
         torch.cuda.synchronize()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -425,9 +496,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every case on the same device)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run: a case still running when they are "
                         "spent is stopped and later ones are skipped (for a lent machine's time limit)")
+    parser.add_argument("--v-cases", action="store_true", help="print workload V's cases and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.v_cases:
+        print(",".join(V_CASES))
+        return
     if args.case:  # child: one case, JSON on stdout
         scores, res = run_case(args.workload, args.case, args.device)
         if args.save and scores is not None:
@@ -464,7 +539,7 @@ def main() -> None:
     for workload, res in table.items():
         print(header)
         print("-" * len(header))
-        ref = res.get(REFERENCE, {}).get("seconds")
+        ref = res.get(REFERENCE_V if workload == "V" else REFERENCE, {}).get("seconds")
         for case, r in res.items():
             if "error" in r:
                 print(f"{workload:<4}{case:<28} FAILED: {r['error']}")
