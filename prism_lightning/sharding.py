@@ -99,13 +99,13 @@ def shard_from_rank0(build, mesh, args: FSDPArgs) -> nn.Module:
 
     rank = dist.get_rank()
     model = build(rank != 0)
-    layout = [[(n, tuple(p.shape), id(p)) for n, p in model.named_parameters(remove_duplicate=False)]]
-    ids = {i: k for k, (_, _, i) in enumerate(layout[0])}
-    mine = [(n, shape, ids[i]) for n, shape, i in layout[0]]  # parameter sharing as positions, comparable
+    first: dict[int, int] = {}  # parameter sharing as the position of each tensor's first name, comparable
+    mine = [(n, tuple(p.shape), first.setdefault(id(p), k))
+            for k, (n, p) in enumerate(model.named_parameters(remove_duplicate=False))]
     theirs = [mine]
     dist.broadcast_object_list(theirs, src=0)
     if theirs[0] != mine:
-        diff = sorted(set(map(tuple, theirs[0])) ^ set(map(tuple, mine)))[:3]
+        diff = sorted(set(theirs[0]) ^ set(mine))[:3]
         raise RuntimeError(f"rank {rank} built another model than rank 0 from its config (first differences: {diff}); "
                            "set fsdp.load_on_rank0: false so that every rank loads the weights")
     full = model.state_dict() if rank == 0 else {}  # keeps rank 0's full tensors alive through sharding

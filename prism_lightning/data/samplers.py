@@ -47,11 +47,9 @@ class GlobalBatchSampler(DistributedSampler):
     def _global_batches(self, order: list[int]) -> list[list[int]]:
         """The epoch's global batches: consecutive slices of ``order``, or length-grouped (module docstring)."""
         size = self.batch_size * self.num_replicas
-        batches = [order[s:s + size] for s in range(0, len(order), size)]
         if self.lengths is None:
-            return batches
-        length = self.lengths
-        batches = []
+            return [order[s:s + size] for s in range(0, len(order), size)]
+        length, batches = self.lengths, []
         for s in range(0, len(order), size * self.group_size):
             group = sorted(order[s:s + size * self.group_size], key=lambda i: -length[i])  # stable
             batches += [group[j:j + size] for j in range(0, len(group), size)]

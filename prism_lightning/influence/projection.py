@@ -70,10 +70,9 @@ def rademacher_block(seed: int, name: str, start: int, rows: int, dim: int, devi
     for lo in range(0, rows, step):
         n = (torch.arange(start + lo, start + min(lo + step, rows), device=device, dtype=torch.int64)
              .unsqueeze(1) * dim + cols)
-        high = (n >> 32) ^ key_hi
-        if (start + rows) * dim <= 2**32:  # every counter below 2^32: the high word's hash is one number
-            high = high[:1, :1]
-        h = hash32(hash32((n & MASK32) ^ key_lo) ^ hash32(high))
+        # every counter below 2^32: the high word is 0 throughout, so its hash is one number
+        n_hi = n >> 32 if (start + rows) * dim > 2**32 else n.new_zeros(1, 1)
+        h = hash32(hash32((n & MASK32) ^ key_lo) ^ hash32(n_hi ^ key_hi))
         out[lo:lo + step] = ((h >> 31).float() * 2 - 1) / dim**0.5
     return out
 

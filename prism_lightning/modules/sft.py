@@ -77,12 +77,14 @@ class SFTModule(L.LightningModule):
         if self.model is not None:
             return
         mesh = self._device_mesh
+
+        def build(empty: bool = False):
+            return build_model(self.model_args, self.lora_args, adapter_path=self.adapter_path, empty=empty)
+
         if mesh is not None and self.fsdp_args.load_on_rank0 and not self.model_args.quantization:
-            self.model = shard_from_rank0(lambda empty: build_model(self.model_args, self.lora_args,
-                                                                    adapter_path=self.adapter_path, empty=empty),
-                                          mesh, self.fsdp_args)
+            self.model = shard_from_rank0(build, mesh, self.fsdp_args)
             return
-        self.model = build_model(self.model_args, self.lora_args, adapter_path=self.adapter_path)
+        self.model = build()
         if mesh is not None:
             shard_model(self.model, mesh, self.fsdp_args)
 

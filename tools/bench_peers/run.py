@@ -426,7 +426,8 @@ def case_bergson(model, pool, target, batch, dim: int):
         processor = processor_for(cfg)
         processor.save(cfg.partial_run_path)
         n, lengths = data["input_ids"].shape[0], lengths_of(data)
-        rows = [Rows(data)[i] for i in range(n)]
+        view = Rows(data)
+        rows = [view[i] for i in range(n)]
         ds = Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in rows],
                                 "labels": [r["labels"].tolist() for r in rows], "length": lengths})
         # fixed length: consecutive batches; variable: Bergson's own token-budget allocator
