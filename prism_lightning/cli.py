@@ -1,4 +1,4 @@
-"""Command line: ``python -m prism_lightning fit|validate|test|predict|select|pipeline|import-warmup``.
+"""Command line: ``python -m prism_lightning fit|validate|test|predict|curvature|select|pipeline|import-warmup``.
 
 ``main(args=None)`` wraps a ``LightningCLI`` so tests drive the real CLI in-process, e.g.
 ``main(["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.fast_dev_run", "true"])``.
@@ -83,8 +83,9 @@ class PrismCLI(LightningCLI):
         """``trainer.default_root_dir`` follows the model's ``output_dir`` unless set: one folder per run holds
         its outputs, Lightning's checkpoints and the saved config."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        folder = config.get("output_dir") or (config.get("model.init_args.output_dir")
-                                               if "model.init_args" in config else None)
+        init = config.get("model.init_args") if "model.init_args" in config else None
+        # the run's folder: pipeline's output_dir, else the model's (the curvature stage writes into checkpoint_dir)
+        folder = config.get("output_dir") or (init and (init.get("output_dir") or init.get("checkpoint_dir")))
         if config.get("trainer.default_root_dir") is None and folder:
             config["trainer.default_root_dir"] = folder
 

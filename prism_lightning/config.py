@@ -157,9 +157,15 @@ class SelectionArgs:
     """Write ``roc.png`` and ``score_distributions.png`` with the ranking metrics."""
     verify: bool = True
     """Check every shard's sha256 against its store's manifest before scoring (a full read of the stores)."""
+    explain: int = 20
+    """Rows explained at each end of every gradient mode's ranking in ``<mode>/explain.jsonl`` (0: none)."""
+    explain_pairs: int = 5
+    """Target pairs listed per explained row (the strongest contributions; all pairs are summed by subtask)."""
 
     def __post_init__(self) -> None:
         refuse("selection", [
+            self.explain < 0 and f"explain={self.explain} must be >= 0",
+            self.explain_pairs < 1 and f"explain_pairs={self.explain_pairs} must be >= 1",
             (self.fraction is None) == (self.k is None) and "give exactly one of fraction and k",
             self.fraction is not None and not 0 < self.fraction <= 1 and f"fraction={self.fraction} must be in (0, 1]",
             self.k is not None and self.k < 1 and f"k={self.k} must be >= 1",
@@ -287,7 +293,10 @@ class PipelineArgs:
     projection: ProjectionArgs = field(default_factory=lambda: ProjectionArgs(kind="sjlt", dim=2048))
     """Projection of the gradient features."""
     pool_preconditioner: PreconditionerName = "adam_no_momentum"
-    """Preconditioner of the pool features (target features keep the plain gradient)."""
+    """Preconditioner of the pool features (target features keep the plain gradient); ``kfac``/``ekfac`` add a
+    curvature stage (two passes over the warmup rows at each checkpoint) before the features."""
+    damping: float = 0.1
+    """Damping of ``kfac``/``ekfac``, relative to each layer's mean eigenvalue (kronfluence's heuristic)."""
     features_precision: str | None = None
     """Overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true`` while training runs
     ``bf16-mixed``); under the ``fsdp2`` strategy that stage runs DDP (each rank extracts its shards)."""
@@ -305,6 +314,7 @@ class PipelineArgs:
             self.warmup_epochs < 1 and f"warmup_epochs={self.warmup_epochs} must be >= 1",
             self.finetune_epochs < 1 and f"finetune_epochs={self.finetune_epochs} must be >= 1",
             self.finetune_lr <= 0 and f"finetune_lr={self.finetune_lr} must be > 0",
+            not self.damping > 0 and f"damping={self.damping} must be > 0",
             self.finetune_batch_size is not None and self.finetune_batch_size < 1
             and f"finetune_batch_size={self.finetune_batch_size} must be >= 1"])
 

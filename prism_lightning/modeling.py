@@ -119,6 +119,14 @@ def build_model(model: ModelArgs, lora: LoraArgs, adapter_path: str | Path | Non
     return peft_model
 
 
+def load_adapter_weights(model: nn.Module, folder: str | Path, device: torch.device | str) -> None:
+    """Put the LoRA weights of a checkpoint folder's ``adapter_model.safetensors`` into a peft ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors"), device=str(device)))
+
+
 def merge_adapter(model: ModelArgs, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Base (unquantized, ``model.dtype``, CPU) + LoRA adapter merged: ``W + (alpha / r) B A``, saved to ``out_dir``."""
     from peft import PeftModel

@@ -1,10 +1,10 @@
-"""The one-command recipe: warmup -> features -> select -> fine-tune -> evaluate -> report.
+"""The one-command recipe: warmup -> (curvature) -> features -> select -> fine-tune -> evaluate -> report.
 
 Each experiment (and seed) gets a folder ``<output_dir>/<experiment>/seed-<s>/`` holding
-``warmup/``, ``features/``, ``selection/`` and ``finetune/<run>/`` (one run per mode, plus ``full``,
-``base`` and, for repair, the clean-pool ``oracle``). Every finished stage writes ``stage.json``
-(its settings and wall time): a rerun skips stages whose ``stage.json`` matches, refuses ones made
-with other settings, and ``force`` redoes everything (``stages.Stage``).
+``warmup/``, ``curvature/`` (kfac/ekfac only), ``features/``, ``selection/`` and ``finetune/<run>/``
+(one run per mode, plus ``full``, ``base`` and, for repair, the clean-pool ``oracle``). Every finished
+stage writes ``stage.json`` (its settings and wall time): a rerun skips stages whose ``stage.json``
+matches, refuses ones made with other settings, and ``force`` redoes everything (``stages.Stage``).
 
 Stage trainers and data modules inherit every setting of the pipeline's trainer and data module
 (``stages.stage_trainer``, ``stages.stage_data``); a stage overrides only what it must: its epochs,
@@ -26,9 +26,11 @@ from prism_lightning.data.formats import PoolIndex, load_pairs, load_sft, rows_d
 from prism_lightning.data.targets import noisy_targets
 from prism_lightning.errors import DataFormatError
 from prism_lightning.eval import metrics as M
-from prism_lightning.modules import FinetuneModule, GradientFeatureModule, WarmupModule
+from prism_lightning.influence.preconditioners import needs_fit
+from prism_lightning.modules import CurvatureModule, FinetuneModule, GradientFeatureModule, WarmupModule
+from prism_lightning.modules.curvature import fit_curvature
 from prism_lightning.report import write_report
-from prism_lightning.select import run_selection
+from prism_lightning.select import run_selection, top_explained
 from prism_lightning.stages import (
     Stage,
     barrier,
@@ -127,8 +129,18 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
 
     pre = exp.pool_preconditioner or args.pool_preconditioner
     feat_settings = dict(warm_settings, projection=asdict(args.projection), pre=pre)
+    if needs_fit(pre):  # K-FAC/EK-FAC factors beside each warmup checkpoint, from the warmup rows
+        with Stage(root / "curvature", warm_settings, force) as st:
+            if st.todo:
+                t = stage_trainer(trainer, root / "curvature", f"{version}/curvature",
+                                  **feature_overrides(trainer, args.features_precision))
+                fit_curvature(t, CurvatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
+                                                 force=force), stage_data(datamodule, **data))
+        times["curvature"] = st.seconds
+        feat_settings["damping"] = args.damping
     features = GradientFeatureModule(model=model.model_args, checkpoint_dir=str(root / "warmup"),
-                                     output_dir=str(root), projection=args.projection, pool_preconditioner=pre)
+                                     output_dir=str(root), projection=args.projection, pool_preconditioner=pre,
+                                     damping=args.damping)
     with Stage(root / "features", feat_settings, force) as st:
         if st.todo:
             t = stage_trainer(trainer, root / "features", f"{version}/features",
@@ -148,7 +160,8 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
     times["select"] = st.seconds
     out = {"experiment": exp.name, "kind": exp.kind, "seed": seed, "subtask": exp.subtask, "metric": exp.metric,
            "target_noise": exp.target_noise, "study": exp.study, "preconditioner": pre,
-           "ranking": _read(root / "selection" / "ranking_metrics.json"), "seconds": times, "finetune": {}}
+           "ranking": _read(root / "selection" / "ranking_metrics.json"), "seconds": times, "finetune": {},
+           "explained": top_explained(root / "selection", exp.kind, "prism" if "prism" in modes else modes[0])}
     if exp.finetune:
         out["finetune"] = finetune_runs(trainer, model, datamodule, root, exp, seed, args, data, base, lora, force)
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prism_lightning.eval import metrics as M
 from prism_lightning.io import atomic_write_text
+from prism_lightning.view import write_html
 
 BASELINES = ("loss", "random")  # the free baselines every verdict names
 RANK_METRIC = "within_subtask.auroc"
@@ -198,7 +199,8 @@ def summarise(results: list[dict]) -> dict:
                          "modes": dict(rows), "stage_seconds": stage_seconds, "verdict": verdict(name, runs),
                          "prism_vs_uniform": paired(runs, "prism", "prism_uniform", _rank_value)
                          if {"prism", "prism_uniform"} <= set(rows) else None,
-                         "plots": [f"{name}/seed-{r['seed']}/selection/roc.png" for r in runs]}
+                         "plots": [f"{name}/seed-{r['seed']}/selection/roc.png" for r in runs],
+                         "explained": {"seed": first["seed"], "rows": first.get("explained") or []}}
     return summary
 
 
@@ -224,6 +226,31 @@ def _experiment_md(name: str, s: dict) -> list[str]:
         lines += [f"![ROC]({s['plots'][0]}) "
                   f"![scores]({s['plots'][0].replace('roc.png', 'score_distributions.png')})", ""]
     return lines
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _explained_md(name: str, s: dict) -> list[str]:
+    """The rows to look at first (from the focus mode's ``explain.jsonl`` of the first seed)."""
+    rows = s.get("explained", {}).get("rows") or []
+    if not rows:
+        return []
+    what = "most harmful rows" if s["kind"] == "repair" else "top selected rows"
+    seed = s["explained"]["seed"]
+    lines = [f"The {len(rows)} {what} by `{rows[0]['mode']}` (seed {seed}), each with the target pair that "
+             f"contributes most to its score (share of the score; `{name}/seed-{seed}/selection/"
+             f"{rows[0]['mode']}/explain.jsonl` has every part):", "",
+             "| rank | row | skill | labelled harmful | score | prompt → completion | strongest target pair | share |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = "–" if r.get("label") is None else ("yes" if r["label"] else "no")
+        share = "–" if r.get("pair_share") is None else f"{r['pair_share']:.0%}"
+        lines.append(f"| {r['rank']} | {_cell(r['id'])} | {_cell(r['subtask'])} | {label} | {r['score']:.3g} | "
+                     f"{_cell(r['prompt'])} → {_cell(r['completion'])} | {_cell(r['pair'])} "
+                     f"({_cell(r['pair_subtask'])}): {_cell(r['pair_prompt'])} | {share} |")
+    return lines + [""]
 
 
 def _studies_md(summary: dict) -> list[str]:
@@ -262,11 +289,13 @@ def _weights_md(summary: dict) -> list[str]:
 
 
 def write_report(root: str | Path, report: dict) -> dict:
-    """Write ``report.json`` (every number) and ``report.md`` (verdicts first, then tables) under ``root``."""
+    """Write ``report.json`` (every number), ``report.md`` (verdicts first, then tables) and ``report.html``
+    (the same to look at, with searchable explanation tables: ``view``) under ``root``."""
     root = Path(root)
     report["summary"] = summarise(report["results"])
     report["versions"] = versions()
     report["report_md"] = str(root / "report.md")
+    report["report_html"] = str(root / "report.html")
     atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
     lines = ["# prism_lightning report", "",
              f"Model `{report['model']['name_or_path']}` (LoRA r={report['lora']['r']}), "
@@ -283,10 +312,11 @@ def write_report(root: str | Path, report: dict) -> dict:
               "whole pool, `oracle` the clean pool.", ""]
     for name, s in report["summary"].items():
         if not s.get("study"):
-            lines += _experiment_md(name, s)
+            lines += _experiment_md(name, s) + _explained_md(name, s)
     lines += _studies_md(report["summary"])
     lines += _weights_md(report["summary"])
     lines += ["## Settings and versions", "", "```json", json.dumps(report["settings"], indent=2), "```", "",
               "| package | version |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report["versions"].items()]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
+    write_html(root, report)
     return report

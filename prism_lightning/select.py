@@ -1,8 +1,10 @@
 """The ``select`` stage: feature stores -> scores, subsets, weights, ranking metrics and plots.
 
 Writes ``<selection_dir>/<mode>/{scores.jsonl, selected.jsonl, weights.jsonl, manifest.json}`` for
-every mode, and, when the pool has a ground-truth column, ``ranking_metrics.json``, ``roc.png``
-and ``score_distributions.png`` in ``<selection_dir>``. Every store is read once for all modes.
+every mode; ``<mode>/explain.jsonl`` for every gradient mode (the ``explain`` highest- and
+lowest-ranked rows with the target pairs behind their scores, an exact split: ``explain_scores``);
+and, when the pool has a ground-truth column, ``ranking_metrics.json``, ``roc.png`` and
+``score_distributions.png`` in ``<selection_dir>``. Every store is read once for all modes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from prism_lightning.influence.scoring import (
     MODES,
     Inputs,
     checkpoint_scores,
+    contributions,
     direction_matrix,
+    keep_winning_group,
     preference_weights,
     reduce_groups,
 )
@@ -155,7 +159,8 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
     stores = [{"folder": m.get("adapter_path"), "split": m["split"], "epoch": m["epoch"],
                "adapter_sha256": m["adapter_sha256"], "manifest_sha256": json_digest(m)} for m in manifests]
     # what the selection is made of (not how it was computed: verify, plots and chunk_rows change no result)
-    selection = {k: v for k, v in asdict(args).items() if k not in ("verify", "plots", "chunk_rows")}
+    selection = {k: v for k, v in asdict(args).items()
+                 if k not in ("verify", "plots", "chunk_rows", "explain", "explain_pairs")}
     data = {"pool_rows": pool.rows, "targets": len(targets), "pool_sha256": pool.digest,
             "targets_sha256": rows_digest(targets)}
     settings = {mode: {"mode": mode, "selection": selection, "stores": stores} | data for mode in modes}
@@ -168,8 +173,16 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
                                          "output_dir or --force to replace it")
     quota = pool.subtasks if args.per_subtask_quota else None
     keep = {m: choose(scores[m], args.task, args.fraction, args.k, quota) for m in modes}
-    rank = {m: ranks(rank_order(scores[m])) for m in modes}
-    _write_rows(out, modes, pool, scores, rank, keep)
+    order = {m: rank_order(scores[m]) for m in modes}
+    rank = {m: ranks(order[m]) for m in modes}
+    explained = {m: ends(order[m], args.explain) for m in modes if m in GRADIENT_MODES and args.explain}
+    parts = explain_scores(features_dir, explained, args, targets) if explained else {}
+    for mode, rows in explained.items():  # the split is exact: refuse to write one that is not
+        check_split(parts[mode], scores[mode][rows], mode)
+    texts = _write_rows(out, modes, pool, scores, rank, keep, wanted={i for r in explained.values() for i in r})
+    for mode, rows in explained.items():
+        _write_explain(out / mode / "explain.jsonl", rows, parts[mode], scores[mode], rank[mode], texts, targets,
+                       pool, args.explain_pairs)
     weights_text = "".join(json.dumps({"id": t.id, "subtask": t.subtask,
                                        "pi": {e: float(w[j]) for e, w in weights.items()}}) + "\n"
                            for j, t in enumerate(targets))
@@ -193,11 +206,13 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
 
 
 def _write_rows(out: Path, modes: list[str], pool: PoolIndex, scores: dict, rank: dict, keep: dict,
-                block: int = 65536) -> None:
-    """``scores.jsonl`` and ``selected.jsonl`` of every mode, row by row in one pass over the pool file.
+                wanted: set[int] | None = None, block: int = 65536) -> dict[int, SFTRow]:
+    """``scores.jsonl`` and ``selected.jsonl`` of every mode, row by row in one pass over the pool file;
+    returns the rows ``wanted`` (by index) for the explanations.
 
     Per-row numbers are turned into Python values ``block`` rows at a time, so memory stays bounded.
     """
+    texts: dict[int, SFTRow] = {}
     with ExitStack() as stack:
         files = {}
         for mode in modes:
@@ -206,6 +221,8 @@ def _write_rows(out: Path, modes: list[str], pool: PoolIndex, scores: dict, rank
                 files[mode, name] = stack.enter_context(tmp.open("w"))
         values: dict = {}
         for i, row in enumerate(pool.iter_rows()):
+            if wanted and i in wanted:
+                texts[i] = row
             if i % block == 0:
                 values = {m: [t[i: i + block].tolist() for t in (scores[m], rank[m], keep[m])] for m in modes}
             record = None
@@ -216,3 +233,103 @@ def _write_rows(out: Path, modes: list[str], pool: PoolIndex, scores: dict, rank
                 if kept:
                     record = record or json.dumps(_row_record(row))
                     files[mode, "selected"].write(record + "\n")
+    return texts
+
+
+# ----- explanations --------------------------------------------------------------------------------------
+def ends(order: torch.Tensor, k: int) -> list[int]:
+    """Row indices of the ``k`` highest- and ``k`` lowest-ranked rows (each row once), by rank."""
+    n = len(order)
+    picks = order[:k].tolist() + order[max(k, n - k):].tolist()
+    return picks
+
+
+def explain_scores(features_dir: str | Path, explained: dict[str, list[int]], args: SelectionArgs,
+                   targets: list[PairRow]) -> dict[str, torch.Tensor]:
+    """Per mode: each explained row's score split over the target pairs [rows, m] (float64).
+
+    ``s(z) = sum_i lr_i <f_i(z), d_i>`` and every ``d_i`` is a sum of one term per pair, so the split is
+    exact; for a per-subtask mode only the pairs of the row's winning subtask count. Reads the stores a
+    second time, only the shards holding the explained rows.
+    """
+    subtasks = [t.subtask for t in targets]
+    union = sorted({i for rows in explained.values() for i in rows})
+    where = {i: j for j, i in enumerate(union)}
+    total = {m: torch.zeros(len(union), len(targets), dtype=torch.float64) for m in explained}
+    for _, pstore, tstore in _stores(Path(features_dir), args.epochs, need_target=True, verify=False):
+        lr = float(pstore.manifest["lr_mean"])
+        feats = pstore.rows("features", union)
+        chosen, rejected = tstore.load("chosen"), tstore.load("rejected")
+        pi = preference_weights(tstore.load("lbar_chosen").double(), tstore.load("lbar_rejected").double())
+        for mode in explained:
+            total[mode] += lr * contributions(mode, feats, chosen, rejected, pi, subtasks, args.per_subtask_direction)
+    out = {}
+    for mode, rows in explained.items():
+        parts = keep_winning_group(total[mode], subtasks, args.per_subtask_direction, mode)
+        out[mode] = parts[[where[i] for i in rows]]
+    return out
+
+
+def check_split(parts: torch.Tensor, scores: torch.Tensor, mode: str) -> None:
+    """The per-pair parts must sum to the scores (they are the same sums in another order)."""
+    gap = (parts.sum(1) - scores).abs().max()
+    if len(scores) and gap > 1e-6 * max(1.0, float(scores.abs().max())):
+        raise RuntimeError(f"mode {mode!r}: the per-pair split of the scores is off by {float(gap):.3g}; "
+                           "please report this with the store manifests")
+
+
+def _snippet(text, limit: int = 300) -> str:
+    text = text if isinstance(text, str) else json.dumps(text)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _write_explain(path: Path, rows: list[int], parts: torch.Tensor, scores: torch.Tensor, rank: torch.Tensor,
+                   texts: dict[int, SFTRow], targets: list[PairRow], pool: PoolIndex, top: int) -> None:
+    """``explain.jsonl``: per explained row, its text, score, rank and the pairs and subtasks behind the score.
+
+    ``share`` is a part's contribution divided by the score (the shares of all pairs sum to 1).
+    """
+    n = len(scores)
+    lines = []
+    for j, i in enumerate(rows):
+        row, score, part = texts[i], float(scores[i]), parts[j]
+        by_subtask: dict[str, float] = {}
+        for q, t in enumerate(targets):
+            by_subtask[t.subtask] = by_subtask.get(t.subtask, 0.0) + float(part[q])
+        strongest = part.abs().argsort(descending=True)[:top].tolist()
+
+        def share(v: float, score: float = score) -> float:
+            return v / score if score else float("nan")
+
+        record = {"rank": int(rank[i]), "end": "top" if int(rank[i]) <= n // 2 else "bottom", "row": i,
+                  **_row_record(row), "score": score,
+                  "pairs": [{"id": targets[q].id, "subtask": targets[q].subtask, "contribution": float(part[q]),
+                             "share": share(float(part[q])), "prompt": _snippet(targets[q].prompt),
+                             "chosen": _snippet(targets[q].chosen), "rejected": _snippet(targets[q].rejected)}
+                            for q in strongest],
+                  "other_pairs": float(part.sum() - part[strongest].sum()),
+                  "by_subtask": {k: {"contribution": v, "share": share(v)} for k, v in sorted(by_subtask.items())}}
+        if pool.labels is not None:
+            record["label"] = bool(pool.labels[i])
+        lines.append(json.dumps(record) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def top_explained(selection_dir: str | Path, kind: str, mode: str = "prism", n: int = 10) -> list[dict]:
+    """The ``n`` rows a person should look at first, from ``<mode>/explain.jsonl``: the most harmful (repair)
+    or the top selected (forward), each with its strongest target pair; [] when there is no such file."""
+    path = Path(selection_dir) / mode / "explain.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records.sort(key=lambda r: r["rank"], reverse=kind == "repair")
+    out = []
+    for r in records[:n]:
+        text = r.get("completion") if "completion" in r else r.get("messages", [{}])[-1].get("content", "")
+        prompt = r.get("prompt") if "prompt" in r else r.get("messages", [{}])[0].get("content", "")
+        pair = r["pairs"][0] if r["pairs"] else {}
+        out.append({"mode": mode, "rank": r["rank"], "id": r["id"], "subtask": r.get("subtask"),
+                    "label": r.get("label"), "score": r["score"], "prompt": _snippet(prompt, 80),
+                    "completion": _snippet(text, 80), "pair": pair.get("id"), "pair_subtask": pair.get("subtask"),
+                    "pair_share": pair.get("share"), "pair_prompt": _snippet(pair.get("prompt", ""), 60)})
+    return out

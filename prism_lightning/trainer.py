@@ -8,6 +8,7 @@ import lightning as L
 
 from prism_lightning.config import PipelineArgs, SelectionArgs
 from prism_lightning.data.formats import PoolIndex, load_pairs, rows_digest
+from prism_lightning.errors import SettingsError
 from prism_lightning.influence.scoring import ModeName
 from prism_lightning.pipeline import run_pipeline
 from prism_lightning.select import run_selection
@@ -41,7 +42,22 @@ class PrismTrainer(L.Trainer):
     @staticmethod
     def extra_subcommands() -> dict[str, set[str]]:
         """Subcommand name -> arguments the CLI fills from the config (like ``fit``'s model/datamodule)."""
-        return {"select": {"model", "datamodule"}, "pipeline": {"model", "datamodule"}}
+        return {"select": {"model", "datamodule"}, "pipeline": {"model", "datamodule"},
+                "curvature": {"model", "datamodule"}}
+
+    def curvature(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> list[str]:
+        """Fit K-FAC/EK-FAC factors at every warmup checkpoint of ``model`` (a ``CurvatureModule``).
+
+        Two passes over the warmup rows per checkpoint; writes ``epoch-N/curvature.safetensors``.
+        """
+        from prism_lightning.modules.curvature import CurvatureModule, fit_curvature
+
+        if not isinstance(model, CurvatureModule):
+            raise SettingsError(f"curvature needs --model CurvatureModule, not {type(model).__name__}")
+        files = [str(f) for f in fit_curvature(self, model, datamodule)]
+        for f in files:
+            print(f"factors: {f}")
+        return files
 
     def select(self, model: L.LightningModule, datamodule: L.LightningDataModule,
                modes: list[ModeName] | None = None, selection: SelectionArgs = DEFAULT_SELECTION,
@@ -74,5 +90,5 @@ class PrismTrainer(L.Trainer):
             force: redo every stage instead of skipping completed ones.
         """
         report = run_pipeline(self, model, datamodule, output_dir, pipeline or PipelineArgs(), force=force)
-        print(f"report: {report['report_md']}")
+        print(f"report: {report['report_md']} (to look at: {report['report_html']})")
         return report

@@ -20,7 +20,7 @@ from prism_lightning.trainer import PrismTrainer
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 PUBLISHED_PARAMS = {"Llama-3.1-8B": 8.03e9, "Qwen3-8B": 8.19e9, "Qwen3-14B": 14.77e9}
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-SUBCOMMANDS = {"fit", "validate", "test", "predict", "select", "pipeline"}
+SUBCOMMANDS = {"fit", "validate", "test", "predict", "curvature", "select", "pipeline"}
 
 
 def test_configs_exist():

@@ -5,7 +5,9 @@ and compares their ``target x pool`` score matrices: our exact per-example gradi
 no projection) against kronfluence's ``identity`` pairwise scores, dattri-llm's TracIn and Bergson's
 unprojected index, which are the same gradient dot products; and our Adam features (no projection,
 unit-normalised) against dattri-llm's LESS attributor (the cosine of a query gradient with the
-Adam update direction of a pool row, at a late step where Adam's bias correction is 1). Skipped,
+Adam update direction of a pool row, at a late step where Adam's bias correction is 1); our K-FAC and
+EK-FAC influence (factors fitted on the pool, damping 0.1 x the mean eigenvalue) against kronfluence's
+``kfac``/``ekfac`` strategies with the same factors and damping. Skipped,
 with the reason, when that virtualenv is absent. Our Adam features are also checked against an
 independent Adam computation in this process.
 """
@@ -57,6 +59,8 @@ def scores(tmp_path_factory) -> Callable[[str], torch.Tensor]:
     ("ours:identity", "dattri-llm:tracin"),
     ("ours:identity", "bergson:build+query-0"),  # Bergson's index without projection
     ("ours:adam+none", "dattri-llm:less"),  # cos(target gradient, Adam update of the pool row), as LESS
+    ("ours:ekfac+none", "kronfluence:ekfac"),  # influence with EK-FAC fitted on the pool, damping 0.1 x mean
+    ("ours:kfac+none", "kronfluence:kfac"),  # the same with K-FAC
 ])
 def test_scores_agree_with_peer_where_the_maths_is_the_same(scores, case, peer):
     ours, theirs = scores(case), scores(peer)

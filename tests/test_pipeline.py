@@ -93,6 +93,30 @@ def test_pipeline_outputs_and_report(full_run):
     md = (full_run / "report.md").read_text()
     assert md.index("## Verdicts") < md.index("## repair_fast") and "Finding the harmful rows" in md
     assert all(math.isfinite(v) and v >= 0 for v in result["seconds"].values())
+    # explanations: every gradient mode, the report's table of the most harmful rows by prism
+    for mode in ("prism", "less", "ifguide"):
+        explained = [json.loads(x) for x in (run / "selection" / mode / "explain.jsonl").read_text().splitlines()]
+        assert len(explained) == 40 and all(r["pairs"] for r in explained)
+    assert not (run / "selection" / "loss" / "explain.jsonl").exists()
+    table = md[md.index("most harmful rows by `prism`"):].split("\n\n")[1].splitlines()
+    assert len(table) == 12 and table[2].startswith("| 40 |")  # header, rule, rank 40 (of 40) first
+    assert [r["rank"] for r in result["explained"]] == list(range(40, 30, -1))
+
+
+@pytest.mark.slow
+def test_pipeline_with_ekfac_fits_curvature_beside_each_checkpoint(fast_data, tmp_path):
+    main([*pipeline_args(fast_data, tmp_path), "--pipeline.modes", "[prism,random]", "--pipeline.pool_preconditioner",
+          "ekfac", "--pipeline.damping", "0.3"])
+    run = tmp_path / "repair_fast" / "seed-0"
+    assert json.loads((run / "curvature" / "stage.json").read_text())["seconds"] > 0
+    for epoch in (1, 2):
+        record = json.loads((run / "warmup" / f"epoch-{epoch}" / "curvature.json").read_text())
+        assert record["rows"] == 20  # warmup_fraction 0.5 of the 40 pool rows
+        manifest = json.loads((run / "features" / f"epoch-{epoch}" / "pool" / "manifest.json").read_text())
+        assert manifest["preconditioner"] == "ekfac" and manifest["damping"] == 0.3
+        assert manifest["curvature_sha256"] == record["sha256"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"][0]["preconditioner"] == "ekfac" and "curvature" in report["results"][0]["seconds"]
 
 
 @pytest.mark.slow
@@ -147,3 +171,44 @@ def test_pipeline_under_fsdp_matches_single_process(plain_run, fast_data, tmp_pa
         assert (run / "finetune" / name / "adapter" / "adapter_model.safetensors").exists()
         assert "exact_match/add" in json.loads((run / "finetune" / name / "metrics-test.json").read_text())
     assert (tmp_path / "report.md").exists()
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def headless(browser: str, *args: str) -> str:
+    import subprocess
+
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="no Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_report_html_renders_in_headless_chromium(full_run):
+    """The page is self-contained (no address outside it), its tables render, search and sort work."""
+    import re
+
+    page = full_run / "report.html"
+    text = page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)  # no network asset
+    url = page.as_uri()
+    dom = headless(chromium(), "--dump-dom", url)
+    assert 'data-rendered="yes"' in dom
+    rows = re.findall(r'<tr data-row="(\d+)"', dom)
+    assert len(rows) == 40  # every explained row of prism's explain.jsonl
+    filtered = headless(chromium(), "--dump-dom", url + "#q=backwards")
+    kept = re.findall(r'<tr data-row="\d+">(.*?)</tr>', filtered, re.S)
+    assert 0 < len(kept) < 40 and all("backwards" in k for k in kept)
+    ordered = headless(chromium(), "--dump-dom", url + "#sort=score&dir=desc")
+    scores = [float(x) for x in re.findall(r'<tr data-row="\d+"><td class="num">\d+</td><td>[^<]*</td><td>[^<]*</td>'
+                                           r'<td[^>]*>[^<]*</td><td class="num">([-0-9.e]+)</td>', ordered)]
+    assert len(scores) == 40 and scores == sorted(scores, reverse=True)
+    shot = full_run / "report.png"
+    headless(chromium(), f"--screenshot={shot}", "--window-size=1280,1800", url)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

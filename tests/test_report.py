@@ -82,3 +82,20 @@ def test_report_opens_with_the_verdicts(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert md.index("## Verdicts") < md.index("### exp") < md.index("## exp") < md.index("| mode |")
     assert "prism vs prism_uniform" not in md  # no prism_uniform run: no weights table
+
+
+def test_report_lists_the_rows_to_look_at_with_their_strongest_pair(tmp_path):
+    row = {"mode": "prism", "rank": 1, "id": "r|1", "subtask": "backwards", "label": None, "score": 0.25,
+           "prompt": "Write vok backwards", "completion": "kov", "pair": "t-3", "pair_subtask": "backwards",
+           "pair_share": 0.4, "pair_prompt": "Write abc backwards"}
+    runs = [dict(run(0, {"prism": 0.9}, {"prism": 0.1, "full": 0.2, "base": 0.3}, kind="forward"),
+                 explained=[row, dict(row, rank=2, id="r2", pair_share=-0.1)])]
+    report = {"package_version": "0", "settings": {"modes": "prism", "seeds": [0]}, "model": {"name_or_path": "m"},
+              "lora": {"r": 8}, "results": runs}
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    table = md[md.index("top selected rows by `prism`"):].split("\n\n")[1].splitlines()
+    assert len(table) == 4 and table[2].startswith("| 1 | r\\|1 | backwards | – | 0.25 |")
+    assert table[2].endswith("| 40% |") and table[3].endswith("| -10% |")
+    html = (tmp_path / "report.html").read_text()
+    assert "prism-data" in html and "<script" in html and "http" not in html.split("<script", 1)[0]

@@ -197,3 +197,69 @@ def test_auroc_equals_the_pairwise_count_and_torchmetrics():
         pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
         assert auroc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
         assert auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels.long())), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["prism", "prism_uniform", "prism_no_anchor", "less", "ifguide"])
+@pytest.mark.parametrize("per_subtask", [False, True])
+def test_explanations_split_each_score_exactly_over_the_target_pairs(tmp_path, mode, per_subtask):
+    data = fake_stores(tmp_path / "features", shard=6)
+    pool, targets = rows()
+    args = SelectionArgs(per_subtask_direction=per_subtask, fraction=0.2, explain=4, explain_pairs=3, chunk_rows=5)
+    run_selection(tmp_path / "features", tmp_path / "sel", [mode], args, PoolIndex.from_rows(pool), targets)
+    records = [json.loads(x) for x in (tmp_path / "sel" / mode / "explain.jsonl").read_text().splitlines()]
+    want = direct(mode, data, per_subtask)
+    assert [r["rank"] for r in records] == [1, 2, 3, 4, N - 3, N - 2, N - 1, N]
+    for r in records:
+        assert r["id"] == pool[r["row"]].id and r["score"] == pytest.approx(float(want[r["row"]]), rel=1e-4)
+        by_subtask = sum(v["contribution"] for v in r["by_subtask"].values())
+        assert by_subtask == pytest.approx(r["score"], rel=1e-9, abs=1e-12)
+        assert sum(p["contribution"] for p in r["pairs"]) + r["other_pairs"] == pytest.approx(r["score"], rel=1e-9)
+        assert sum(v["share"] for v in r["by_subtask"].values()) == pytest.approx(1.0, rel=1e-9)
+        assert len(r["pairs"]) == 3 and abs(r["pairs"][0]["contribution"]) >= abs(r["pairs"][-1]["contribution"])
+        if mode == "prism" and not per_subtask:  # each pair's part is its term of the direct formula
+            i = r["row"]
+            for p in r["pairs"]:
+                q = next(j for j, t in enumerate(targets) if t.id == p["id"])
+                term = sum(lr * float(torch.sigmoid(lc[q] - lrj[q])) * float(f[i] @ (c[q] - rr[q])) / M
+                           for lr, f, c, rr, lc, lrj, _ in data.values())
+                assert p["contribution"] == pytest.approx(term, rel=1e-6)
+        if per_subtask or mode == "less":  # only the winning subtask's pairs count
+            assert sum(1 for v in r["by_subtask"].values() if v["contribution"] != 0) == 1
+
+
+def test_no_explanations_for_modes_without_gradients_or_explain_zero(tmp_path):
+    fake_stores(tmp_path / "features")
+    pool, targets = rows()
+    run_selection(tmp_path / "features", tmp_path / "sel", ["prism", "loss", "random"],
+                  SelectionArgs(explain=0), PoolIndex.from_rows(pool), targets)
+    assert not list((tmp_path / "sel").glob("*/explain.jsonl"))
+    run_selection(tmp_path / "features", tmp_path / "sel", ["prism", "loss", "random"],
+                  SelectionArgs(explain=30), PoolIndex.from_rows(pool), targets)  # more than half the pool
+    records = (tmp_path / "sel" / "prism" / "explain.jsonl").read_text().splitlines()
+    assert len(records) == N and not (tmp_path / "sel" / "loss" / "explain.jsonl").exists()
+
+
+def test_store_rows_reads_any_rows_in_the_order_asked(tmp_path):
+    from prism_lightning.store.feature_store import FeatureStore
+
+    data = fake_stores(tmp_path, shard=4)
+    store = FeatureStore(tmp_path / "epoch-1" / "pool")
+    picks = [36, 0, 5, 4, 17, 5]
+    torch.testing.assert_close(store.rows("features", picks).double(), data[1][1][picks])
+    with pytest.raises(IndexError):
+        store.rows("features", [N])
+
+
+def test_top_explained_gives_the_most_harmful_or_the_top_selected_rows(tmp_path):
+    from prism_lightning.select import top_explained
+
+    fake_stores(tmp_path / "features")
+    pool, targets = rows()
+    run_selection(tmp_path / "features", tmp_path / "sel", ["prism"], SelectionArgs(explain=12),
+                  PoolIndex.from_rows(pool), targets)
+    repair = top_explained(tmp_path / "sel", "repair")
+    forward = top_explained(tmp_path / "sel", "forward", n=3)
+    assert [r["rank"] for r in repair] == list(range(N, N - 10, -1))
+    assert [r["rank"] for r in forward] == [1, 2, 3]
+    assert all(r["pair"] in {t.id for t in targets} and r["mode"] == "prism" for r in repair + forward)
+    assert top_explained(tmp_path / "sel", "repair", mode="less") == []  # no such file: nothing to show

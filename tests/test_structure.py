@@ -80,8 +80,8 @@ def test_choices_are_derived_from_the_registries():
 
     assert set(get_args(PreconditionerName)) == set(PRECONDITIONERS) >= {"adam", "adam_no_momentum", "identity", "sgd"}
     assert list(get_args(ModeName)) == list(MODES) and PipelineArgs().modes == list(MODES)
-    assert tuple(m for m in MODES if MODES[m].direction is not None) == GRADIENT_MODES
-    assert all((MODES[m].direction is None) != (MODES[m].scores is None) for m in MODES)  # exactly one way to score
+    assert tuple(m for m in MODES if MODES[m].parts is not None) == GRADIENT_MODES
+    assert all((MODES[m].parts is None) != (MODES[m].scores is None) for m in MODES)  # exactly one way to score
     from prism_lightning.config import DType
 
     assert set(get_args(DType)) == set(DTYPES)

@@ -226,11 +226,13 @@ class PrismDataModule(L.LightningDataModule):
         return self._eval_loaders()
 
     def split_dataset(self, split: str):
-        """The dataset and collate function of a prediction split (``pool`` or ``target``)."""
+        """The dataset and collate function of a prediction split (``pool``, ``target`` or ``warmup``)."""
         self.load()
         pad = self.tokenizer.pad_token_id
         if split == "pool":
             return SFTDataset(self.pool_encoded), SFTCollator(pad)
+        if split == "warmup":  # the rows the warmup trains on (the curvature stage fits on them)
+            return SFTDataset(self.pool_encoded, self.warmup_indices()), SFTCollator(pad)
         if split == "target":
             if not self.target_rows:
                 raise DataFormatError("data.target is not set: target pairs are needed for target features")

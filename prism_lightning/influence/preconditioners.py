@@ -3,11 +3,14 @@
 A preconditioner is a registered class with two methods, in the style of kronfluence's strategies:
 
 - ``load(folder, info)``: read what it needs from one warmup checkpoint (``epoch-N/``: adapter,
-  ``optimizer.safetensors`` with Adam's moments, ``checkpoint.json`` as ``info``);
+  ``optimizer.safetensors`` with Adam's moments, ``curvature.safetensors`` with fitted Kronecker
+  factors, ``checkpoint.json`` as ``info``);
 - ``precondition(name, g)``: map the per-example gradients ``g`` [B, out, in] of the LoRA layer
   ``name`` (its weight's shape, one row per example) to ``Gamma(g)`` of the same shape.
 
-Adding one is one class here, registered under its name(s), plus its test.
+A class with ``needs_fit`` needs a fitting pass over the warmup rows at each checkpoint first
+(``python -m prism_lightning curvature``; the pipeline runs it). Adding one is one class here,
+registered under its name(s), plus its test.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+
+from prism_lightning.influence import curvature
 
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {}
 
@@ -35,9 +40,10 @@ class Preconditioner:
     """Base class: the identity (``Gamma(g) = g``)."""
 
     needs_optimizer_state: ClassVar[bool] = False
+    needs_fit: ClassVar[bool] = False  # reads factors fitted by the curvature stage
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = device
+    def __init__(self, device: torch.device | str = "cpu", damping: float = 0.1):
+        self.device, self.damping = device, damping
 
     def load(self, folder: Path, info: dict) -> None:
         """Read this checkpoint's state from ``folder`` (nothing for the identity)."""
@@ -115,11 +121,49 @@ def adam_precondition(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: tor
     return m / (v.sqrt() + eps)
 
 
+@register("kfac")
+class KFAC(Preconditioner):
+    """K-FAC: ``(S (x) A + d I)^-1 g`` with the token covariances of each LoRA layer's inputs (A) and output
+    gradients (S) over the warmup rows, ``d = damping x mean(s a^T)`` (``influence.curvature``)."""
+
+    needs_fit = True
+
+    def load(self, folder: Path, info: dict) -> None:
+        self.factors = curvature.load_factors(folder, info["adapter_sha256"], self.device)
+        self._inverse: dict[str, torch.Tensor] = {}
+
+    def eigenvalues(self, layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        return curvature.kfac_eigenvalues(layer["gradient_eigenvalues"], layer["activation_eigenvalues"])
+
+    def precondition(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if name not in self.factors:
+            raise KeyError(f"curvature.safetensors has no factors for {name}; was it fitted for another model?")
+        layer = self.factors[name]
+        if name not in self._inverse:
+            self._inverse[name] = curvature.inverse_eigenvalues(self.eigenvalues(layer), self.damping)
+        return curvature.precondition_eigen(grad, layer["gradient_eigenvectors"].to(grad.dtype),
+                                            layer["activation_eigenvectors"].to(grad.dtype), self._inverse[name])
+
+
+@register("ekfac")
+class EKFAC(KFAC):
+    """EK-FAC: K-FAC's eigenbasis with the Fisher's own diagonal in it, ``Lambda = mean_b (Q_S^T G_b Q_A)^2``
+    over the warmup rows' exact per-example gradients, ``d = damping x mean(Lambda)``."""
+
+    def eigenvalues(self, layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        return layer["lambda"]
+
+
 PreconditionerName = Literal[tuple(PRECONDITIONERS)]  # config values, derived from the registry
 
 
-def make_preconditioner(name: str, device: torch.device | str = "cpu") -> Preconditioner:
-    """An instance of the preconditioner registered as ``name``."""
+def make_preconditioner(name: str, device: torch.device | str = "cpu", damping: float = 0.1) -> Preconditioner:
+    """An instance of the preconditioner registered as ``name`` (``damping``: relative, for kfac/ekfac)."""
     if name not in PRECONDITIONERS:
         raise ValueError(f"preconditioner {name!r} is not one of {sorted(PRECONDITIONERS)}")
-    return PRECONDITIONERS[name](device)
+    return PRECONDITIONERS[name](device, damping)
+
+
+def needs_fit(name: str) -> bool:
+    """Whether preconditioner ``name`` needs the curvature stage's factors."""
+    return PRECONDITIONERS[name].needs_fit

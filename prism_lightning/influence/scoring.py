@@ -7,7 +7,9 @@ features ``C_q = g(q, y+)``, ``R_q = g(q, y-)`` [m, k] and length-normalised log
 ``s(z) > 0``: training on z raises the target margin (helpful); ``s(z) < 0``: harmful.
 
 Modes are the rows of ``MODES`` (one scoring function; each gradient mode is columns of one
-direction matrix, so every store is read once for all modes):
+direction matrix, so every store is read once for all modes). Each direction is a sum of one term
+per target pair (``Mode.parts``), so every score splits exactly into per-pair contributions
+(``contributions``, written to ``explain.jsonl`` by ``select``):
 
 - ``prism``: ``d = (1/m) sum_q pi_q (C_q - R_q)``, ``pi_q = sigmoid(lbar+_q - lbar-_q)``.
 - ``prism_uniform``: ``d = (1/m) sum_q (C_q - R_q)`` (ablation: no preference weights).
@@ -59,7 +61,8 @@ class Inputs(NamedTuple):
 class Mode:
     """One scoring mode (a row of ``MODES``).
 
-    direction: ``(chosen [m, k], rejected [m, k], pi [m]) -> d [k]`` for a gradient mode.
+    parts: ``(chosen [m, k], rejected [m, k], pi [m]) -> [m, k]`` for a gradient mode: one term per target
+        pair, whose sum is the mode's direction ``d`` (so a score splits exactly over the pairs).
     per_subtask: always one direction per target subtask, max over subtasks after the checkpoint sum.
     cosine: divide each candidate's dot product by its feature norm (cosine similarity).
     scores: ``Inputs -> [n]`` for a mode without gradients.
@@ -67,7 +70,7 @@ class Mode:
     """
 
     name: str
-    direction: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    parts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     per_subtask: bool = False
     cosine: bool = False
     scores: Callable[[Inputs], torch.Tensor] | None = None
@@ -75,15 +78,17 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {m.name: m for m in [
-    Mode("prism", direction=lambda c, r, pi: (pi[:, None] * (c - r)).mean(0)),
-    Mode("prism_uniform", direction=lambda c, r, pi: (c - r).mean(0)),
-    Mode("prism_no_anchor", direction=lambda c, r, pi: (pi[:, None] * c).mean(0)),
-    Mode("less", direction=lambda c, r, pi: _unit(c).mean(0), per_subtask=True, cosine=True),
-    Mode("ifguide", direction=lambda c, r, pi: _unit(c.mean(0)) - _unit(r.mean(0))),
+    Mode("prism", parts=lambda c, r, pi: pi[:, None] * (c - r) / len(c)),
+    Mode("prism_uniform", parts=lambda c, r, pi: (c - r) / len(c)),
+    Mode("prism_no_anchor", parts=lambda c, r, pi: pi[:, None] * c / len(c)),
+    Mode("less", parts=lambda c, r, pi: _unit(c) / len(c), per_subtask=True, cosine=True),
+    # unit(mean C) - unit(mean R), written as one term per pair
+    Mode("ifguide", parts=lambda c, r, pi: c / (len(c) * c.mean(0).norm().clamp_min(1e-12))
+         - r / (len(r) * r.mean(0).norm().clamp_min(1e-12))),
     Mode("random", scores=lambda x: random_scores(x.rows, x.seed)),
     Mode("loss", scores=lambda x: -x.loss, needs_loss=True),
 ]}
-GRADIENT_MODES = tuple(name for name, m in MODES.items() if m.direction is not None)
+GRADIENT_MODES = tuple(name for name, m in MODES.items() if m.parts is not None)
 ModeName = Literal[tuple(MODES)]  # config values, derived from the table
 
 
@@ -91,7 +96,7 @@ def direction(mode: str, chosen: torch.Tensor, rejected: torch.Tensor, pi: torch
     """The target direction [k] of one gradient mode from one group of pairs (see module doc)."""
     if mode not in GRADIENT_MODES:
         raise ValueError(f"mode {mode!r} has no gradient direction; gradient modes: {GRADIENT_MODES}")
-    return MODES[mode].direction(chosen, rejected, pi)
+    return MODES[mode].parts(chosen, rejected, pi).sum(0)
 
 
 def subtask_groups(subtasks: list[str], per_subtask: bool) -> dict[str, list[int]]:
@@ -155,3 +160,36 @@ def reduce_groups(scores: torch.Tensor, keys: list[tuple[str, str]], modes: Iter
         if cols:
             out[mode] = scores[:, cols].max(dim=1).values
     return out
+
+
+def contributions(mode: str, feats: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pi: torch.Tensor,
+                  subtasks: list[str], per_subtask: bool) -> torch.Tensor:
+    """Per-pair terms [r, m] of one checkpoint's score ``s_i`` for candidate features ``feats`` [r, k].
+
+    Column q is ``<f(z), parts_q>`` (divided by ``||f(z)||`` for cosine modes), with ``parts_q`` the
+    pair's term of its group's direction; summed over a group's columns it is that group's
+    ``checkpoint_scores`` column. Multiply by ``lr_i``, sum over checkpoints, then keep the winning
+    group (``keep_winning_group``) to split the final score exactly.
+    """
+    f = feats.double()
+    out = torch.zeros(len(f), len(subtasks), dtype=torch.float64)
+    for rows in subtask_groups(subtasks, per_subtask or MODES[mode].per_subtask).values():
+        idx = torch.tensor(rows)
+        parts = MODES[mode].parts(chosen[idx].double(), rejected[idx].double(), pi[idx].double())
+        out[:, idx] = f @ parts.T
+    if MODES[mode].cosine:
+        out /= f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return out
+
+
+def keep_winning_group(parts: torch.Tensor, subtasks: list[str], per_subtask: bool, mode: str) -> torch.Tensor:
+    """Zero every pair outside the group whose sum is largest per row (the max over groups of ``reduce_groups``)."""
+    groups = list(subtask_groups(subtasks, per_subtask or MODES[mode].per_subtask).values())
+    if len(groups) == 1:
+        return parts
+    sums = torch.stack([parts[:, g].sum(1) for g in groups], dim=1)
+    winner = sums.argmax(dim=1)
+    keep = torch.zeros_like(parts, dtype=torch.bool)
+    for j, g in enumerate(groups):
+        keep[:, g] = (winner == j)[:, None]
+    return parts * keep

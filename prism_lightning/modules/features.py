@@ -20,13 +20,19 @@ from safetensors.torch import load_file
 
 from prism_lightning import __version__
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
-from prism_lightning.errors import StoreMismatchError
+from prism_lightning.errors import SettingsError, StoreMismatchError
+from prism_lightning.influence import curvature
 from prism_lightning.influence.extract import gradient_features
 from prism_lightning.influence.per_example import lora_linears
-from prism_lightning.influence.preconditioners import Preconditioner, PreconditionerName, make_preconditioner
+from prism_lightning.influence.preconditioners import (
+    Preconditioner,
+    PreconditionerName,
+    make_preconditioner,
+    needs_fit,
+)
 from prism_lightning.influence.projection import Projector, projection_identity
 from prism_lightning.io import atomic_write_text, file_sha256
-from prism_lightning.modeling import build_model, torch_dtype
+from prism_lightning.modeling import build_model, load_adapter_weights, torch_dtype
 from prism_lightning.store.feature_store import (
     FORMAT_VERSION,
     FeatureStore,
@@ -66,7 +72,10 @@ class GradientFeatureModule(L.LightningModule):
             (``influence.preconditioners``): ``adam``, Adam's next update ``m' / (sqrt(v') + eps)``
             (LESS); ``adam_no_momentum``, ``g / (sqrt(v') + eps)`` (default for the pool, see
             docs/evidence.md); ``sgd`` and ``identity`` both keep the plain gradient (``sgd`` names
-            LESS's target features, ``identity`` the raw-gradient, TracIn-like setting).
+            LESS's target features, ``identity`` the raw-gradient, TracIn-like setting); ``kfac`` and
+            ``ekfac``, the inverse of the Kronecker-factored curvature fitted on the warmup rows by the
+            ``curvature`` stage (influence functions with K-FAC / EK-FAC, as kronfluence).
+        damping: damping of ``kfac``/``ekfac``, relative to the mean eigenvalue of each layer.
         normalize: L2-normalise each feature (LESS's cosine similarity).
         store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
         splits: which stores to write (default both).
@@ -77,13 +86,16 @@ class GradientFeatureModule(L.LightningModule):
                  output_dir: str = "runs/tiny", epochs: list[int] | None = None,
                  projection: ProjectionArgs | None = None,
                  pool_preconditioner: PreconditionerName = "adam_no_momentum",
-                 target_preconditioner: PreconditionerName = "sgd", normalize: bool = True,
+                 target_preconditioner: PreconditionerName = "sgd", damping: float = 0.1, normalize: bool = True,
                  store_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  splits: list[Literal["pool", "target"]] | None = None, verify: bool = False):
         super().__init__()
         self.model_args, self.projection = model or ModelArgs(), projection or ProjectionArgs()
         self.checkpoint_dir, self.output_dir, self.epochs = checkpoint_dir, output_dir, epochs
         self.preconditioner = {"pool": pool_preconditioner, "target": target_preconditioner}
+        if not damping > 0:
+            raise SettingsError(f"damping={damping} must be > 0 (it keeps the curvature invertible)")
+        self.damping = damping
         self.normalize, self.store_dtype = normalize, store_dtype
         self.splits = splits or ["pool", "target"]
         self.verify = verify
@@ -110,9 +122,25 @@ class GradientFeatureModule(L.LightningModule):
                 "lr_mean": info["lr_mean"], "dataset_fingerprint": dm.fingerprint(split),
                 "source_sha256": dm.source_digest(split), "tokenization": dm.tokenization(),
                 "projection": proj,
-                "preconditioner": self.preconditioner[split], "normalize": self.normalize,
+                "preconditioner": self.preconditioner[split], **self.curvature_settings(folder, split),
+                "normalize": self.normalize,
                 "dtype": self.store_dtype, "shard_size": dm.hparams.shard_size, "rows": len(dataset), "dim": dim,
                 "package_version": __version__, "complete": False}
+
+    def curvature_settings(self, folder: Path, split: str) -> dict:
+        """For kfac/ekfac: the damping and the sha256 of the factors (a refit makes another store)."""
+        if not needs_fit(self.preconditioner[split]):
+            return {}
+        record = curvature.factors_record(folder)
+        return {"damping": self.damping, "curvature_sha256": record["sha256"] if record else None}
+
+    def check_curvature(self) -> None:
+        """Before compute: every checkpoint has factors fitted at its adapter when kfac/ekfac is used."""
+        if not any(needs_fit(self.preconditioner[s]) for s in self.splits):
+            return
+        for _, folder, info in self.checkpoints.values():
+            if not curvature.fitted_for(folder, info["adapter_sha256"]):
+                curvature.load_factors(folder, info["adapter_sha256"])  # raises, naming the fix
 
     def scoring_expectations(self, sources: dict[str, str] | None = None, tokenization: dict | None = None) -> dict:
         """What a feature store must match to be scored for these settings and data (see ``select``).
@@ -139,6 +167,7 @@ class GradientFeatureModule(L.LightningModule):
         dm.load()
         self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in find_checkpoints(self.checkpoint_dir, self.epochs)}
         sizes = self._layer_sizes()
+        self.check_curvature()
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.plan, self.settings, self._incomplete = [], {}, set()
         for tag, (epoch, folder, info) in self.checkpoints.items():
@@ -204,14 +233,11 @@ class GradientFeatureModule(L.LightningModule):
         """Load checkpoint ``tag``'s adapter weights and each split's preconditioner state (once per pass)."""
         if self._active == tag:
             return
-        from peft import set_peft_model_state_dict
-
         _, folder, info = self.checkpoints[tag]
-        set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
-                                                         device=str(self.device)))
+        load_adapter_weights(self.model, folder, self.device)
         self.preconditioners: dict[str, Preconditioner] = {}
         for split, name in self.preconditioner.items():
-            self.preconditioners[split] = make_preconditioner(name, self.device)
+            self.preconditioners[split] = make_preconditioner(name, self.device, self.damping)
             self.preconditioners[split].load(folder, info)
         self.projector = Projector(self.projection, {n: m.weight.numel() for n, m in self.layers.items()})
         self._active = tag

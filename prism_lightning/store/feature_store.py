@@ -34,7 +34,7 @@ from prism_lightning.io import atomic_file, atomic_write_text, file_sha256
 FORMAT_VERSION = 1
 # Settings that must agree for shards to be reused or scored together.
 IDENTITY_KEYS = ("format", "split", "model", "adapter_sha256", "dataset_fingerprint", "projection",
-                 "preconditioner", "normalize", "dtype", "shard_size", "rows")
+                 "preconditioner", "damping", "curvature_sha256", "normalize", "dtype", "shard_size", "rows")
 
 
 def shard_rows(shard: int, shard_size: int, n_rows: int) -> range:
@@ -187,20 +187,39 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
+    def _read(self, rec: dict, path: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                keys = names or list(fh.keys())
+                tensors = {k: fh.get_tensor(k) for k in keys}
+                index = fh.get_tensor("index")
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise _corrupt(path, f"unreadable ({type(err).__name__}: {err})") from err
+        if index.numel() != rec["rows"] or int(index[0]) != rec["first"] or int(index[-1]) != rec["last"]:
+            raise _corrupt(path, "not the rows its manifest records")
+        check_finite(dict(tensors, index=index), str(path))
+        return tensors
+
     def iter_shards(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """One dict of tensors per shard, in row order; tensors are read from the memory map."""
         for rec, path in zip(self.records, self.shards):
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    keys = names or list(fh.keys())
-                    tensors = {k: fh.get_tensor(k) for k in keys}
-                    index = fh.get_tensor("index")
-            except Exception as err:  # safetensors raises its own error types for a damaged file
-                raise _corrupt(path, f"unreadable ({type(err).__name__}: {err})") from err
-            if index.numel() != rec["rows"] or int(index[0]) != rec["first"] or int(index[-1]) != rec["last"]:
-                raise _corrupt(path, "not the rows its manifest records")
-            check_finite(dict(tensors, index=index), str(path))
-            yield tensors
+            yield self._read(rec, path, names)
+
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        """Field ``name`` of the rows ``indices`` (in that order), reading only the shards that hold them."""
+        wanted = torch.as_tensor(indices, dtype=torch.long)
+        out: torch.Tensor | None = None
+        for rec, path in zip(self.records, self.shards):
+            inside = ((wanted >= rec["first"]) & (wanted <= rec["last"])).nonzero().flatten()
+            if not len(inside):
+                continue
+            values = self._read(rec, path, [name])[name]
+            if out is None:
+                out = values.new_empty((len(wanted), *values.shape[1:]))
+            out[inside] = values[wanted[inside] - rec["first"]]
+        if out is None or len(wanted) and (wanted.min() < 0 or wanted.max() >= len(self)):
+            raise IndexError(f"{self.folder}: rows {indices[:5]}... are not all in this store of {len(self)} rows")
+        return out
 
     def iter_chunks(self, names: list[str], rows: int) -> Iterator[dict[str, torch.Tensor]]:
         """Chunks of at most ``rows`` rows (memory bounded by ``rows x k``), in row order."""

@@ -13,6 +13,8 @@ response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiate
 - ``bs1_loop``: a batch-size-1 autograd loop, flattened gradients, then the dot products (exact);
 - ``ours:identity``: our per-example gradients, no preconditioner, no projection (exact dot products);
 - ``ours:adam+sjlt-k`` / ``ours:adam+rademacher-k``: Adam preconditioning (pool), projection to k;
+- ``ours:ekfac+sjlt-k`` / ``ours:kfac+none`` ...: our K-FAC/EK-FAC, fitted on the pool (two passes, as
+  kronfluence fits its factors on the pool here), then the preconditioned pool features;
 - ``kronfluence:identity`` / ``kronfluence:ekfac``: kronfluence's pairwise scores (identity: plain
   gradient dot products; EK-FAC: fitted on the pool, then the preconditioned scores);
 - ``trak-k``: TRAK with its CPU (Rademacher) projector to k on the LoRA parameters only: featurize
@@ -66,10 +68,11 @@ V_TOKENS, V_MAX_ROWS, V_SHARD = 4096, 64, 256  # our length-aware feature batchi
 V_CASES = ["train_step", "ours:adam+sjlt-8192", "ours:adam+sjlt-8192+tokens", "kronfluence:identity",
            "dattri:logra-256", "bergson:build+query-16"]
 CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
-         "ours:adam+rademacher-1024", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
+         "ours:adam+rademacher-1024", "ours:ekfac+sjlt-8192", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
          "dattri:logra-256", "dattri-llm:tracin", "dattri-llm:ekfac", "bergson:build+query-16"]
 # Agreement-only cases (tests/test_peers.py): exact maths on both sides, no projection.
-EXTRA_CASES = ["ours:adam+none", "dattri-llm:less", "bergson:build+query-0"]
+EXTRA_CASES = ["ours:adam+none", "dattri-llm:less", "bergson:build+query-0", "ours:ekfac+none", "ours:kfac+none",
+               "kronfluence:kfac"]
 ADAM_STEP = 10**6  # dattri-llm's LESS applies Adam's bias correction; at a late step it is 1 to float precision
 REFERENCE = "ours:adam+sjlt-8192"
 REFERENCE_V = "ours:adam+sjlt-8192+tokens"
@@ -223,14 +226,19 @@ def length_batches(data: dict):
 def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False,
               by_tokens: bool = False):
     from prism_lightning.config import ProjectionArgs
+    from prism_lightning.influence.curvature import fit_factors
     from prism_lightning.influence.extract import gradient_features
     from prism_lightning.influence.per_example import lora_linears
-    from prism_lightning.influence.preconditioners import Adam
+    from prism_lightning.influence.preconditioners import PRECONDITIONERS, Adam
     from prism_lightning.influence.projection import Projector
 
     layers = lora_linears(model)
     projector = Projector(ProjectionArgs(kind=kind, dim=dim), {n: m.weight.numel() for n, m in layers.items()})
+    start = time.perf_counter()
     pre = Adam.from_moments(adam_moments(layers), 0.9, 0.999, 1e-8) if preconditioner == "adam" else None
+    if preconditioner in ("kfac", "ekfac"):  # fitted on the pool, as kronfluence's factors here
+        pre = PRECONDITIONERS[preconditioner](pool["input_ids"].device)
+        pre.factors, pre._inverse = fit_factors(model, layers, list(batches(pool, batch))), {}
 
     def features(data: dict, precondition) -> torch.Tensor:
         if not by_tokens:
@@ -241,7 +249,6 @@ def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: i
                          for b in groups])
         return out[torch.argsort(torch.tensor(order, device=out.device))]  # back to row order
 
-    start = time.perf_counter()
     f_pool, f_target = features(pool, pre), features(target, None)
     extract = time.perf_counter() - start
     scores = f_target.double() @ f_pool.double().T
@@ -281,7 +288,8 @@ def case_kronfluence(model, pool, target, batch, strategy: str):
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad_collate))
         analyzer.fit_all_factors("f", Rows(pool), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
-        score_args = ScoreArguments(damping_factor=None) if strategy == "ekfac" else None  # EK-FAC: 0.1 x mean eig
+        # K-FAC/EK-FAC: damping 0.1 x the mean eigenvalue of each module (ours: damping 0.1, relative)
+        score_args = ScoreArguments(damping_factor=None) if strategy in ("kfac", "ekfac") else None
         # all queries in one batch: one pass over the pool
         analyzer.compute_pairwise_scores("s", "f", Rows(target), Rows(pool), per_device_query_batch_size=n_rows(target),
                                          per_device_train_batch_size=batch, score_args=score_args,
@@ -465,9 +473,11 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
         scores, rate, secs = case_ours(model, pool, target, batch, "identity", "none", 0)
     elif case == "ours:adam+none":  # cosine of Adam pool features and raw target gradients, as LESS scores
         scores, rate, secs = case_ours(model, pool, target, batch, "adam", "none", 0, normalize=True)
-    elif case.startswith("ours:adam+"):
+    elif case in ("ours:ekfac+none", "ours:kfac+none"):  # exact: no projection, no normalisation
+        scores, rate, secs = case_ours(model, pool, target, batch, case[5:].split("+")[0], "none", 0)
+    elif case.startswith(("ours:adam+", "ours:ekfac+")):
         kind, dim = case.split("+")[1].split("-")
-        scores, rate, secs = case_ours(model, pool, target, batch, "adam", kind, int(dim),
+        scores, rate, secs = case_ours(model, pool, target, batch, case[5:].split("+")[0], kind, int(dim),
                                        by_tokens=case.endswith("+tokens"))
     elif case.startswith("dattri-llm:"):
         scores, rate, secs = case_dattri_llm(model, pool, target, batch, case.split(":")[1])
