@@ -42,7 +42,7 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
     def record(trainer, model, datamodule, output_dir, args, force=False):
         seen["trainer"] = stage_trainer(trainer, tmp_path / "s", "exp/seed-0/warmup", max_epochs=1)
         seen["data"] = stage_data(datamodule, pool="p.jsonl", train_on="warmup")
-        return {"report_md": "none"}
+        return {"report_md": "none", "report_html": "none"}
 
     monkeypatch.setattr(pipeline, "run_pipeline", record)
     monkeypatch.setattr("prism_lightning.trainer.run_pipeline", record)
@@ -123,7 +123,7 @@ def test_pipeline_experiments_parse_from_yaml(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr("prism_lightning.trainer.run_pipeline",
                         lambda trainer, model, dm, out, args, force=False: seen.setdefault("args", args) and
-                        {"report_md": "none"})
+                        {"report_md": "none", "report_html": "none"})
     cfg = tmp_path / "p.yaml"
     exp = {"name": "e", "kind": "repair", "pool": "a.jsonl", "target": "t.jsonl", "subtask": "claim",
            "metric": "unwanted", "pool_preconditioner": "adam", "study": "s"}
