@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prism_lightning.eval import metrics as M
 from prism_lightning.io import atomic_write_text
-from prism_lightning.view import write_html
+from prism_lightning.view import fmt_stat, write_html
 
 BASELINES = ("loss", "random")  # the free baselines every verdict names
 RANK_METRIC = "within_subtask.auroc"
@@ -36,13 +36,6 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def _fmt(pair: tuple[float, float], seeds: int, pct: bool = False) -> str:
-    mean, std = pair
-    if math.isnan(mean):
-        return "–"
-    scale, digits = (100, 1) if pct else (1, 3)
-    text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if seeds > 1 else "")
 
 
 def versions() -> dict[str, str]:
@@ -215,10 +208,10 @@ def _experiment_md(name: str, s: dict) -> list[str]:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, m in s["modes"].items():
         secs = m.get("seconds", nan)[0]
-        cells = [mode, _fmt(m.get("whole_pool.auroc", nan), n), _fmt(m.get("within_subtask.auroc", nan), n),
-                 _fmt(m.get("within_subtask.precision_at_k", nan), n),
-                 _fmt(m.get(M.EXACT_MATCH, nan), n, pct=True), _fmt(m.get(M.WANTED, nan), n, pct=True),
-                 _fmt(m.get(M.UNWANTED, nan), n, pct=True), "–" if math.isnan(secs) else f"{secs:.0f}"]
+        cells = [mode, fmt_stat(m.get("whole_pool.auroc", nan), n), fmt_stat(m.get("within_subtask.auroc", nan), n),
+                 fmt_stat(m.get("within_subtask.precision_at_k", nan), n),
+                 fmt_stat(m.get(M.EXACT_MATCH, nan), n, pct=True), fmt_stat(m.get(M.WANTED, nan), n, pct=True),
+                 fmt_stat(m.get(M.UNWANTED, nan), n, pct=True), "–" if math.isnan(secs) else f"{secs:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     secs = ", ".join(f"{k} {v[0]:.0f}s" for k, v in s["stage_seconds"].items())
     lines += ["", f"Stage wall time (mean over seeds): {secs}.", ""]
@@ -266,7 +259,7 @@ def _studies_md(summary: dict) -> list[str]:
         lines += [f"## Study: {study} (within-skill AUROC)", "", "| mode | " + " | ".join(cols) + " |",
                   "|" + "---|" * (len(cols) + 1)]
         for mode in modes:
-            cells = [_fmt(v["modes"].get(mode, {}).get(RANK_METRIC, (float("nan"),) * 2), v["seeds"])
+            cells = [fmt_stat(v["modes"].get(mode, {}).get(RANK_METRIC, (float("nan"),) * 2), v["seeds"])
                      for v in exps.values()]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -239,9 +239,7 @@ def _write_rows(out: Path, modes: list[str], pool: PoolIndex, scores: dict, rank
 # ----- explanations --------------------------------------------------------------------------------------
 def ends(order: torch.Tensor, k: int) -> list[int]:
     """Row indices of the ``k`` highest- and ``k`` lowest-ranked rows (each row once), by rank."""
-    n = len(order)
-    picks = order[:k].tolist() + order[max(k, n - k):].tolist()
-    return picks
+    return order[:k].tolist() + order[max(k, len(order) - k):].tolist()
 
 
 def explain_scores(features_dir: str | Path, explained: dict[str, list[int]], args: SelectionArgs,
@@ -315,6 +313,13 @@ def _write_explain(path: Path, rows: list[int], parts: torch.Tensor, scores: tor
     atomic_write_text(path, "".join(lines))
 
 
+def explained_text(record: dict) -> tuple[str, str]:
+    """``(prompt, answer)`` of an ``explain.jsonl`` record (plain or chat row, see ``_row_record``)."""
+    messages = record.get("messages") or [{}]
+    return (record.get("prompt", messages[0].get("content", "")),
+            record.get("completion", messages[-1].get("content", "")))
+
+
 def top_explained(selection_dir: str | Path, kind: str, mode: str = "prism", n: int = 10) -> list[dict]:
     """The ``n`` rows a person should look at first, from ``<mode>/explain.jsonl``: the most harmful (repair)
     or the top selected (forward), each with its strongest target pair; [] when there is no such file."""
@@ -325,8 +330,7 @@ def top_explained(selection_dir: str | Path, kind: str, mode: str = "prism", n: 
     records.sort(key=lambda r: r["rank"], reverse=kind == "repair")
     out = []
     for r in records[:n]:
-        text = r.get("completion") if "completion" in r else r.get("messages", [{}])[-1].get("content", "")
-        prompt = r.get("prompt") if "prompt" in r else r.get("messages", [{}])[0].get("content", "")
+        prompt, text = explained_text(r)
         pair = r["pairs"][0] if r["pairs"] else {}
         out.append({"mode": mode, "rank": r["rank"], "id": r["id"], "subtask": r.get("subtask"),
                     "label": r.get("label"), "score": r["score"], "prompt": _snippet(prompt, 80),

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from prism_lightning.io import atomic_write_text
+from prism_lightning.select import explained_text
 
 COLUMNS = [("whole_pool.auroc", "AUROC (pool)", False), ("within_subtask.auroc", "AUROC (in skill)", False),
            ("within_subtask.precision_at_k", "P@k (in skill)", False), ("exact_match", "exact match %", True),
@@ -103,13 +104,17 @@ def _image(path: Path) -> str:
     return f'<img alt="{_e(path.name)}" src="data:image/png;base64,{data}">'
 
 
-def _num(pair, pct: bool) -> str:
-    mean, std = pair if isinstance(pair, (list, tuple)) else (pair, float("nan"))
-    if mean is None or math.isnan(mean):
+NAN = (float("nan"), float("nan"))
+
+
+def fmt_stat(pair: tuple[float, float], seeds: int, pct: bool = False) -> str:
+    """``mean ± std`` over seeds (the spread only with more than one seed); percentages for ``pct``."""
+    mean, std = pair
+    if math.isnan(mean):
         return "–"
-    scale = 100 if pct else 1
-    spread = "" if std is None or math.isnan(std) else f" ± {std * scale:.1f}" if pct else f" ± {std:.3f}"
-    return f"{mean * scale:.1f}{spread}" if pct else f"{mean:.3f}{spread}"
+    scale, digits = (100, 1) if pct else (1, 3)
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if seeds > 1 else "")
 
 
 def _explanations(root: Path, name: str, seed: int) -> dict[str, list[dict]]:
@@ -119,8 +124,7 @@ def _explanations(root: Path, name: str, seed: int) -> dict[str, list[dict]]:
         rows = []
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            prompt = r.get("prompt", (r.get("messages") or [{}])[0].get("content", ""))
-            answer = r.get("completion", (r.get("messages") or [{}])[-1].get("content", ""))
+            prompt, answer = explained_text(r)
             rows.append({"row": r["row"], "rank": r["rank"], "id": r["id"], "subtask": r.get("subtask", ""),
                          "label": r.get("label"), "score": r["score"], "prompt": prompt, "completion": answer,
                          "pairs": r["pairs"], "other_pairs": r["other_pairs"]})
@@ -136,7 +140,7 @@ def _experiment(root: Path, name: str, s: dict, data: dict) -> list[str]:
     head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in COLUMNS)
     parts.append(f'<table class="metrics"><thead><tr><th>mode</th>{head}</tr></thead><tbody>')
     for mode, m in s["modes"].items():
-        cells = "".join(f'<td class="num">{_num(m.get(key, float("nan")), pct)}</td>' for key, _, pct in COLUMNS)
+        cells = "".join(f'<td class="num">{fmt_stat(m.get(key, NAN), s["seeds"], pct)}</td>' for key, _, pct in COLUMNS)
         parts.append(f"<tr><td>{_e(mode)}</td>{cells}</tr>")
     parts.append("</tbody></table>")
     if s.get("plots"):
@@ -178,8 +182,8 @@ def write_html(root: str | Path, report: dict) -> Path:
         body.append(f"<h2>Study: {_e(study)} (within-skill AUROC)</h2><table><thead><tr><th>mode</th>{head}</tr>"
                     "</thead><tbody>")
         for mode in modes:
-            values = [v["modes"].get(mode, {}).get("within_subtask.auroc", float("nan")) for v in exps.values()]
-            cells = "".join(f'<td class="num">{_num(x, False)}</td>' for x in values)
+            stats = [(v["modes"].get(mode, {}).get("within_subtask.auroc", NAN), v["seeds"]) for v in exps.values()]
+            cells = "".join(f'<td class="num">{fmt_stat(pair, seeds)}</td>' for pair, seeds in stats)
             body.append(f"<tr><td>{_e(mode)}</td>{cells}</tr>")
         body.append("</tbody></table>")
     payload = json.dumps({"explain": data}).replace("</", "<\\/")
