@@ -1,9 +1,12 @@
-"""Command line: ``python -m prism_lightning fit|validate|test|predict|curvature|select|pipeline|import-warmup``.
+"""Command line: ``python -m prism_lightning <command>``, the commands derived from ``stages.STAGES``.
 
-``main(args=None)`` wraps a ``LightningCLI`` so tests drive the real CLI in-process, e.g.
-``main(["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.fast_dev_run", "true"])``.
-Every settings field's docstring is its ``--help`` line (``--model.help WarmupModule`` lists a
-module's), and ``Literal`` choices and each settings class's checks run when the config is parsed.
+``main(args=None)`` runs a command in-process so tests drive the real CLI, e.g.
+``main(["fit", "--config", "configs/tiny/warmup.yaml", "--trainer.fast_dev_run", "true"])``. Lightning's
+commands (``fit``, ``validate``, ``test``, ``predict``) and the ``PrismTrainer`` methods (``curvature``,
+``pipeline``) run through a ``LightningCLI``; stand-alone commands (``select``, ``import-warmup``) have a
+parser of their own settings only. ``python -m prism_lightning --help`` lists them all. Every settings
+field's docstring is its ``--help`` line (``--model.help WarmupModule`` lists a module's), and ``Literal``
+choices and each settings class's checks run when the config is parsed.
 
 Failures a user can fix (bad data, bad settings, a store made from something else, a folder in
 use) print one line, ``error: ...``, and exit with 2; ``--debug`` (or ``PRISM_DEBUG=1``) shows the
@@ -20,18 +23,20 @@ import traceback
 import warnings
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import prism_lightning.modules  # noqa: F401  (registers WarmupModule, GradientFeatureModule, ... for --model)
 from prism_lightning.data.datamodule import PrismDataModule
-from prism_lightning.errors import DataFormatError, LockedError, SettingsError, StageMismatchError, StoreMismatchError
+from prism_lightning.errors import DataFormatError, LockedError, ProvenanceError, SettingsError
 from prism_lightning.io import run_lock
+from prism_lightning.stages import LIGHTNING_COMMANDS, STAGES, standalone_commands
 from prism_lightning.trainer import PrismTrainer
 
 PROG = "python -m prism_lightning"
-USER_ERRORS = (DataFormatError, SettingsError, StoreMismatchError, StageMismatchError, LockedError, FileNotFoundError)
+DESCRIPTION = "PRISM: preference-aware influence-based data selection for LLM fine-tuning"
+USER_ERRORS = (DataFormatError, SettingsError, ProvenanceError, LockedError, FileNotFoundError)
 SIGTERM_EXIT = 143  # 128 + SIGTERM: what schedulers read as "killed by SIGTERM"
 
 
@@ -56,8 +61,8 @@ def user_problem(err: BaseException) -> str | None:
     return None
 
 
-class PrismParser(LightningArgumentParser):
-    """The CLI's parser: a settings check that failed is reported as its own message, on one line."""
+class OneLineErrors:
+    """A parser mixin: a settings check that failed is reported as its own message, on one line."""
 
     def error(self, message: str, ex: Exception | None = None):
         problem = settings_problem(message)
@@ -70,8 +75,43 @@ class PrismParser(LightningArgumentParser):
         return super().error(message, ex)
 
 
+class PrismParser(OneLineErrors, LightningArgumentParser):
+    """The LightningCLI's parser, with one-line settings errors."""
+
+
+class SettingsParser(OneLineErrors, ArgumentParser):
+    """A stand-alone command's parser, with one-line settings errors."""
+
+
+def parse_settings(cls: type, args: list[str] | None, command: str, description: str | None = None):
+    """An instance of settings class ``cls`` from ``args`` (``--config FILE`` and one flag per field)."""
+    parser = SettingsParser(prog=f"{PROG} {command}", description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these settings.")
+    parser.add_class_arguments(cls, nested_key=None, as_group=False)
+    values = parser.instantiate(parser.parse_args(args)).as_dict()
+    values.pop("config", None)
+    return cls(**values)
+
+
+def usage() -> str:
+    """The top-level help: every command, from the stage table."""
+    lines = [f"usage: {PROG} <command> [--config FILE] [settings]   ({PROG} <command> --help lists them)", "",
+             DESCRIPTION, "", "stages, in pipeline order, and the command that runs each one alone:"]
+    for spec in STAGES.values():
+        how = f"{spec.command} --config {spec.config}" if spec.config else spec.command
+        lines.append(f"  {spec.name:<14} {how:<46} {spec.summary}")
+    lines += ["", "commands:",
+              f"  {'pipeline':<14} every stage for every experiment and seed, then report.md and report.html",
+              f"  {', '.join(LIGHTNING_COMMANDS):<30} Lightning's, with a stage's module as --model",
+              *(f"  {name:<14} {spec.summary}" for name, spec in standalone_commands().items()),
+              *(f"  {spec.command:<14} {spec.summary}" for spec in STAGES.values() if spec.kind == "trainer"),
+              "", "errors a user can fix print one line and exit 2 (--debug: the traceback); SIGTERM exits 143"]
+    return "\n".join(lines) + "\n"
+
+
 class PrismCLI(LightningCLI):
-    """LightningCLI with the project's own subcommands (``select``, ``pipeline``) and a lock per output folder."""
+    """LightningCLI with the trainer's subcommands (``curvature``, ``pipeline``), the model's tokenizer connected to
+    the data module, and a lock per output folder."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -95,6 +135,12 @@ class PrismCLI(LightningCLI):
         folder = chosen or getattr(self.model, "output_dir", None)
         return Path(folder) if folder else None
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        model_args = getattr(self.model, "model_args", None)
+        if model_args is not None:  # the data module tokenizes with the model's tokenizer (data.tokenizer wins)
+            self.datamodule.connect(tokenizer=model_args.name_or_path)
+
     def _run_subcommand(self, subcommand: str) -> None:
         folder = self.output_dir(subcommand)
         if folder is None or not self.trainer.is_global_zero:  # rank 0 holds the lock for every rank
@@ -103,28 +149,31 @@ class PrismCLI(LightningCLI):
             super()._run_subcommand(subcommand)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> PrismCLI:
+def main(args: list[str] | None = None, run: bool = True):
     """Entry point of ``python -m prism_lightning`` and the ``prism-lightning`` script."""
     args = None if args is None else list(args)
     argv = sys.argv if args is None else args  # the flag is taken out of whichever list is parsed
     rest = argv[1:] if args is None else argv
-    if rest[:1] == ["import-warmup"]:  # not a Trainer stage: converts a Hugging Face Trainer's checkpoints
-        from prism_lightning.hf_warmup import main as import_main
-
-        try:
-            return import_main(rest[1:])
-        except USER_ERRORS as err:
-            if debug():
-                raise
-            sys.stderr.write(f"error: {err}\n")
-            sys.exit(2)
     if "--debug" in argv:
         argv.remove("--debug")
         os.environ["PRISM_DEBUG"] = "1"
+    if not rest or rest[0] in ("-h", "--help"):
+        sys.stdout.write(usage())
+        return None
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    standalone = standalone_commands().get(rest[0])
+    if standalone is not None:  # a parser of its own settings only
+        try:
+            return standalone.main(rest[1:])
+        except Exception as err:
+            problem = user_problem(err)
+            if problem is None or debug():
+                raise
+            sys.stderr.write(f"error: {problem}\n")
+            sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the feature writer reads row indices from each batch, not from the sampler
     warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         return PrismCLI(
             model_class=None,
@@ -136,7 +185,7 @@ def main(args: list[str] | None = None, run: bool = True) -> PrismCLI:
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": PROG, "description": "PRISM: preference-aware influence-based data selection"},
+            parser_kwargs={"prog": PROG, "description": DESCRIPTION},
         )
     except SIGTERMException:
         sys.stderr.write("stopped by SIGTERM: resume with --ckpt_path last (finished stages are kept)\n")

@@ -161,15 +161,22 @@ class SelectionArgs:
     """Rows explained at each end of every gradient mode's ranking in ``<mode>/explain.jsonl`` (0: none)."""
     explain_pairs: int = 5
     """Target pairs listed per explained row (the strongest contributions; all pairs are summed by subtask)."""
+    subtask: str | None = None
+    """Only the target pairs of this subtask make the target direction (default: every pair)."""
 
     def __post_init__(self) -> None:
-        refuse("selection", [
+        refuse("selection", self.problems())
+
+    def problems(self) -> list:
+        return [
             self.explain < 0 and f"explain={self.explain} must be >= 0",
             self.explain_pairs < 1 and f"explain_pairs={self.explain_pairs} must be >= 1",
             (self.fraction is None) == (self.k is None) and "give exactly one of fraction and k",
             self.fraction is not None and not 0 < self.fraction <= 1 and f"fraction={self.fraction} must be in (0, 1]",
             self.k is not None and self.k < 1 and f"k={self.k} must be >= 1",
-            self.chunk_rows < 1 and f"chunk_rows={self.chunk_rows} must be >= 1"])
+            self.chunk_rows < 1 and f"chunk_rows={self.chunk_rows} must be >= 1",
+            self.epochs is not None and not self.epochs and "epochs is empty (null: every checkpoint)",
+            self.epochs is not None and len(set(self.epochs)) != len(self.epochs) and f"epochs repeat: {self.epochs}"]
 
 
 @dataclass
@@ -218,6 +225,171 @@ class Columns:
     """Skill or group label (default ``all``)."""
 
 
+def unique_modes(modes: list[str]) -> list:
+    """Problems of a list of scoring modes: empty, or a mode twice."""
+    return [not modes and "modes is empty: name at least one mode (e.g. [prism])",
+            len(set(modes)) != len(modes) and f"modes repeat: {modes} (each mode once)"]
+
+
+@dataclass
+class DataSelection(SelectionArgs):
+    """The subset a fine-tune trains on, computed by the data module from feature stores (``data.selection``).
+
+    In ``setup("fit")`` on every process: the preference weights from the target stores, every pool row's
+    score from the pool stores (shards split over the processes), the budget's rows; rank 0 writes
+    ``<output_dir>/<mode>/`` as ``select`` does. A selection already there with the same identity is reused.
+    """
+
+    features: str | None = None
+    """The feature stores of this pool and these target pairs (``<run>/features``); required."""
+    mode: ModeName = "prism"
+    """The scoring mode whose subset is trained on."""
+    output_dir: str | None = None
+    """Where ``<mode>/`` is written (default: ``selection`` beside the ``features`` folder)."""
+    force: bool = False
+    """Replace a selection there made with other settings (otherwise refused)."""
+
+    def problems(self) -> list:
+        return [*super().problems(), not self.features and "features is required: the feature stores' folder "
+                "(<run>/features, written by the predict stage)"]
+
+
+@dataclass(eq=False)
+class DataArgs:
+    """Pool, target pairs and evaluation sets, and how every stage reads and batches them (``--data.*``).
+
+    Every data setting is a file or folder (JSONL, JSON, CSV, Parquet, a ``save_to_disk`` folder) or a
+    ``load_dataset`` spec (``{path: json, data_files: ..., split: train}``, a hub id with ``name``/``split``).
+    """
+
+    pool: DataSource = f"{DEMO_DATA}/pool.jsonl"
+    """Candidate SFT rows (``id``, ``prompt``, ``completion``, ``subtask``; or ``messages``, or ``text``)."""
+    target: DataSource | None = f"{DEMO_DATA}/target_pairs.jsonl"
+    """Target preference pairs (``prompt``, ``chosen``, ``rejected``, ``subtask``)."""
+    eval_sft: DataSource | None = f"{DEMO_DATA}/eval.jsonl"
+    """Held-out SFT rows for validation/test (loss, greedy exact match)."""
+    eval_pairs: DataSource | None = f"{DEMO_DATA}/eval_pairs.jsonl"
+    """Held-out preference pairs for validation/test (preference accuracy, wanted/unwanted answers)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id (default: the model's, which the CLI and the pipeline connect)."""
+    columns: Columns = field(default_factory=Columns)
+    """Column names in the files (rename here instead of editing the data)."""
+    train_on: Literal["warmup", "pool", "selection"] = "warmup"
+    """Training rows: ``warmup`` (a seeded ``warmup_fraction`` of the pool), ``pool`` (all of it) or
+    ``selection`` (``selection`` computed here, or the rows of ``selection_file``)."""
+    selection: DataSelection | None = None
+    """Compute the subset to train on from feature stores (``train_on: selection``)."""
+    selection_file: str | None = None
+    """A precomputed subset (``train_on: selection``): a ``selected.jsonl`` or a ``.txt`` of ids, one a line."""
+    warmup_fraction: float = 0.05
+    """Share of the pool the warmup trains on (``train_on: warmup``)."""
+    seed: int = 0
+    """Seed of the warmup subset and of the training order."""
+    max_length: int = 256
+    """Token budget per row (prompt and answer)."""
+    truncation: Literal["left", "error"] = "left"
+    """Over-long rows: ``left`` cuts the prompt from the left, ``error`` refuses them."""
+    batch_size: int = 8
+    """Training rows per step and process (global batch = batch_size x devices x nodes x accumulation)."""
+    eval_batch_size: int = 16
+    """Rows per evaluation and feature-extraction batch."""
+    shuffle: bool = True
+    """Reshuffle the training rows each epoch (seeded; false keeps pool order)."""
+    group_by_length: bool = False
+    """Training steps of rows of similar length (seeded groups of ``length_group_size`` global batches sorted by
+    length, batches shuffled): less padding, each row still once per epoch, independent of the process count."""
+    length_group_size: int = 64
+    """Global batches per length group (``group_by_length``); larger groups pad less and mix less."""
+    max_tokens_per_batch: int | None = None
+    """Feature extraction in batches of similar length: each shard's rows sorted by length and packed up to this
+    many padded tokens (a pair counts both answers), at most ``eval_batch_size`` rows; the store is the same."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    shard_size: int = 256
+    """Rows per feature-store shard (prediction and scoring split work by whole shards)."""
+    cache_dir: str | None = None
+    """Where tokenized splits are cached (default ``$PRISM_CACHE`` or ``~/.cache/prism_lightning``)."""
+    tokenize_workers: int = 1
+    """Processes for the tokenization ``datasets.map`` (its ``num_proc``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.columns, dict):
+            self.columns = Columns(**self.columns)
+        if isinstance(self.selection, dict):
+            self.selection = DataSelection(**self.selection)
+        refuse("data", self.problems())
+
+    def problems(self) -> list:
+        picked = self.selection is not None or self.selection_file is not None
+        return [
+            not 0 < self.warmup_fraction <= 1 and f"warmup_fraction={self.warmup_fraction} must be in (0, 1]",
+            self.max_length < 2 and f"max_length={self.max_length} must be >= 2",
+            self.batch_size < 1 and f"batch_size={self.batch_size} must be >= 1",
+            self.eval_batch_size < 1 and f"eval_batch_size={self.eval_batch_size} must be >= 1",
+            self.shard_size < 1 and f"shard_size={self.shard_size} must be >= 1",
+            self.num_workers < 0 and f"num_workers={self.num_workers} must be >= 0",
+            self.tokenize_workers < 1 and f"tokenize_workers={self.tokenize_workers} must be >= 1",
+            self.length_group_size < 1 and f"length_group_size={self.length_group_size} must be >= 1",
+            self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_length
+            and f"max_tokens_per_batch={self.max_tokens_per_batch} must be at least max_length={self.max_length} "
+                "(a row of max_length tokens must fit a batch); raise it or unset it",
+            self.selection is not None and self.selection_file is not None
+            and "give selection (computed here) or selection_file (precomputed), not both",
+            self.train_on == "selection" and not picked
+            and "train_on=selection needs selection (computed from feature stores) or selection_file",
+            self.train_on != "selection" and picked
+            and f"a selection is given but train_on={self.train_on!r}; set train_on: selection to train on it"]
+
+
+@dataclass
+class SelectArgs:
+    """Score the pool from feature stores and write each mode's subset (``python -m prism_lightning select``).
+
+    The model, projection, preconditioner and damping are read from the stores' manifests, and so are the pool
+    and target files they were extracted from; a setting given here is checked against them instead.
+    """
+
+    features: str = "runs/tiny/features"
+    """The feature stores' folder (``<run>/features``, written by the predict stage)."""
+    output_dir: str | None = None
+    """Where ``<mode>/`` folders are written (default: ``selection`` beside ``features``)."""
+    modes: list[ModeName] = field(default_factory=lambda: ["prism"])
+    """Scoring modes, e.g. ``[prism,less,ifguide,random,loss]`` (each store is read once for all)."""
+    selection: SelectionArgs = field(default_factory=SelectionArgs)
+    """Budget and task (forward / repair)."""
+    pool: DataSource | None = None
+    """The pool (default: the file the pool stores were extracted from); must hold the rows they were made from."""
+    target: DataSource | None = None
+    """The target pairs (default: the file the target stores were extracted from)."""
+    columns: Columns | None = None
+    """Column names of ``pool``/``target`` (default: those the stores were extracted with)."""
+    model: str | None = None
+    """Optional: the base model; refused unless the stores were extracted with it."""
+    projection: ProjectionArgs | None = None
+    """Optional: the projection; refused unless the stores were made with it."""
+    pool_preconditioner: PreconditionerName | None = None
+    """Optional: the pool preconditioner; refused unless the pool stores were made with it."""
+    damping: float | None = None
+    """Optional: the kfac/ekfac damping; refused unless the pool stores were made with it."""
+    force: bool = False
+    """Replace selections made with other settings (otherwise refused)."""
+
+    def __post_init__(self) -> None:
+        refuse("select", unique_modes(self.modes))
+
+
+@dataclass
+class ImportWarmupArgs:
+    """Convert a Hugging Face ``Trainer``/TRL run's ``checkpoint-*`` folders into warmup checkpoints."""
+
+    source: str
+    """The Trainer's ``output_dir`` (or one ``checkpoint-<step>`` folder)."""
+    dest: str
+    """The warmup folder to write (e.g. ``runs/mine/warmup``); the feature stage reads it."""
+    base_model: str | None = None
+    """The base model (default: the adapter config's ``base_model_name_or_path``)."""
+
+
 @dataclass
 class Experiment:
     """One experiment of the pipeline: a pool, target pairs, a budget and how to judge the result."""
@@ -248,6 +420,9 @@ class Experiment:
     """Overrides ``pipeline.pool_preconditioner`` for this experiment."""
     study: str | None = None
     """Experiments sharing a study name are tabulated side by side in the report."""
+    reselect_every: int | None = None
+    """Also fine-tune on ``prism``'s selection re-made every this many epochs with the preference weights at the
+    current model (``PrismReselection``; run ``prism_reselect``, compared with the static ``prism``)."""
 
     def __post_init__(self) -> None:
         refuse(f"experiment {self.name!r}", [
@@ -255,7 +430,9 @@ class Experiment:
             and "name must be letters, digits, '_', '.' or '-' (it names a folder inside the output folder)",
             not 0 < self.fraction < 1 and f"fraction={self.fraction} must be in (0, 1)",
             not 0 <= self.target_noise <= 1 and f"target_noise={self.target_noise} must be in [0, 1]",
-            self.kind == "forward" and self.clean_pool and "clean_pool is only used by repair experiments"])
+            self.kind == "forward" and self.clean_pool and "clean_pool is only used by repair experiments",
+            self.reselect_every is not None and self.reselect_every < 1
+            and f"reselect_every={self.reselect_every} must be >= 1"])
 
 
 def default_experiments() -> list[Experiment]:
@@ -307,8 +484,7 @@ class PipelineArgs:
             not self.experiments and "no experiments",
             len(set(names)) != len(names)
             and f"experiment names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}",
-            not self.modes and "no modes",
-            len(set(self.modes)) != len(self.modes) and f"modes repeat: {self.modes}",
+            *unique_modes(self.modes),
             not self.seeds and "no seeds",
             len(set(self.seeds)) != len(self.seeds) and f"seeds repeat: {self.seeds}",
             self.warmup_epochs < 1 and f"warmup_epochs={self.warmup_epochs} must be >= 1",

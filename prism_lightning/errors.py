@@ -7,11 +7,15 @@ class DataFormatError(ValueError):
     """Bad input data; the message names the file, the row and the field, and how to fix it."""
 
 
-class StoreMismatchError(ValueError):
-    """A feature store on disk was made with other settings, or from other data, than the ones in use."""
+class ProvenanceError(ValueError):
+    """An output on disk was made from other inputs or settings than the ones in use (``provenance.Manifest``)."""
 
 
-class StageMismatchError(ValueError):
+class StoreMismatchError(ProvenanceError):
+    """A feature store, factor file or selection on disk was made with other settings, or from other data."""
+
+
+class StageMismatchError(ProvenanceError):
     """A pipeline stage folder was made with other settings than the ones in use."""
 
 
@@ -20,7 +24,7 @@ class SettingsError(ValueError):
 
 
 class StoreCorruptError(StoreMismatchError):
-    """A feature store file is missing, truncated or altered; the message says how to recover."""
+    """A file a stage trusts is missing, truncated or altered; the message says how to recover."""
 
 
 class NonFiniteError(ValueError):

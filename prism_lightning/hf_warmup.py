@@ -161,10 +161,13 @@ class PrismReferenceCallback(TrainerCallback):
         write_reference_checkpoint(self.dest / f"epoch-{epoch}", save_adapter, adam_moments(optimizer, names), info)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> list[Path]:
     """``python -m prism_lightning import-warmup --source DIR --dest OUT/warmup [--base_model ID]``."""
-    from jsonargparse import CLI
+    from prism_lightning.cli import parse_settings
+    from prism_lightning.config import ImportWarmupArgs
 
-    written = CLI(import_warmup, args=args, as_positional=False, prog="python -m prism_lightning import-warmup")
+    settings = parse_settings(ImportWarmupArgs, args, "import-warmup", ImportWarmupArgs.__doc__)
+    written = import_warmup(settings.source, settings.dest, settings.base_model)
     for folder in written:
         print(f"wrote {folder}")
+    return written

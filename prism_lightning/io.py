@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prism_lightning.errors import LockedError
+from prism_lightning.errors import LockedError, StoreCorruptError
 
 
 def _umask() -> int:
@@ -114,6 +114,20 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             _fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, default=None):
+    """The JSON in ``path`` (``default`` when there is no file); a damaged file is refused naming it."""
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise StoreCorruptError(f"{path} cannot be read ({err.strerror or err}); check its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreCorruptError(f"{path} is not valid JSON ({err}); it was truncated or altered: delete it and "
+                                "rerun the stage that writes it") from None
 
 
 def json_digest(obj) -> str:

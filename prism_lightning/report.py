@@ -128,7 +128,7 @@ def verdict(name: str, runs: list[dict], focus: str = "prism") -> list[str]:
     """The verdict lines of one experiment (markdown bullets): ``focus`` (or the first mode run) vs each other mode."""
     first = runs[0]
     modes = list(first["ranking"].get("modes", {})) or [k for k in first.get("finetune", {})
-                                                         if k not in ("full", "oracle", "base")]
+                                                         if k not in ("full", "oracle", "base", "prism_reselect")]
     if modes and focus not in modes:
         focus = modes[0]
     lines: list[str] = []
@@ -166,6 +166,11 @@ def verdict(name: str, runs: list[dict], focus: str = "prism") -> list[str]:
             cmps = [paired(runs, focus, m, value, higher) for m in others if m in sel]
             lines.append("- " + _sentence(f"Fine-tuned on the selection ({label} on `{first['subtask']}`)",
                                           focus, _best(sel, higher), cmps, True, higher))
+        if "prism_reselect" in mean and "prism" in mean:
+            cmp = paired(runs, "prism_reselect", "prism", value, higher)
+            lines.append(f"- Re-selected between epochs with the preference weights at the current model "
+                         f"(`prism_reselect`, {_num(mean['prism_reselect'], True)} {label}) against the static "
+                         f"`prism` selection: {_versus(cmp, True)}.")
     return lines
 
 

@@ -1,118 +1,91 @@
-"""What the pipeline needs to run stages: completion markers, stage trainers and rank helpers.
+"""The stages, in one table: the CLI's subcommands, the pipeline's order and the config tests come from it.
 
-``Stage`` skips, refuses or redoes a stage by its ``stage.json``; ``stage_trainer`` builds a
-stage's ``Trainer`` from every setting of the pipeline's trainer, overriding only what the stage
-must; ``stage_data`` does the same for the data module.
+A row names a stage, the command that runs it on its own (one of Lightning's, ``fit``/``predict``, with the
+stage's module as ``--model``; a ``Trainer`` method; or a stand-alone parser), the class whose fields are
+its settings, the folders it reads and writes (relative to a run), its tiny config, and how the pipeline
+runs it for one experiment and seed: ``identity(ctx)`` (the settings its ``stage.json`` records; a stage
+whose identity is None keeps one marker per run itself), ``run(ctx)``, ``needed(ctx)`` and ``collect(ctx)``
+(the numbers it reports). Rows are in pipeline order.
+
+Adding a stage: its module (settings, ``run``, ``identity``), one row here, and its test.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-import json
-import shutil
-import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import lightning as L
-import torch.distributed as dist
-from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from prism_lightning import hf_warmup, select
+from prism_lightning.config import ImportWarmupArgs, SelectArgs
+from prism_lightning.modules import curvature, features, finetune, warmup
 
-from prism_lightning.errors import StageMismatchError
-from prism_lightning.io import atomic_write_text, json_digest
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage (see the module doc)."""
+
+    name: str
+    command: str
+    summary: str
+    settings: type
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config: str | None = None
+    folder: str | None = None
+    identity: Callable | None = None
+    run: Callable | None = None
+    needed: Callable | None = None
+    collect: Callable | None = None
+    method: Callable | None = None
+    main: Callable | None = None
+
+    @property
+    def kind(self) -> str:
+        """``lightning`` (one of Lightning's commands), ``trainer`` (a ``PrismTrainer`` method) or ``standalone``."""
+        if self.main is not None:
+            return "standalone"
+        return "trainer" if self.method is not None else "lightning"
+
+    @property
+    def in_pipeline(self) -> bool:
+        return self.run is not None
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+STAGES: dict[str, StageSpec] = {s.name: s for s in [
+    StageSpec("warmup", "fit", "LoRA/QLoRA SFT on a seeded slice of the pool; a reference checkpoint per epoch",
+              warmup.WarmupModule, ("data.pool",), ("warmup/epoch-N/",), "configs/tiny/warmup.yaml", "warmup",
+              warmup.identity, warmup.run),
+    StageSpec("import-warmup", "import-warmup", "reference checkpoints from a Hugging Face Trainer / TRL run",
+              ImportWarmupArgs, ("<trainer run>/checkpoint-*/",), ("warmup/epoch-N/",), main=hf_warmup.main),
+    StageSpec("curvature", "curvature", "K-FAC/EK-FAC factors of the LoRA layers at each warmup checkpoint",
+              curvature.CurvatureModule, ("warmup/epoch-N/", "data.pool"), ("warmup/epoch-N/curvature.safetensors",),
+              "configs/tiny/curvature.yaml", "curvature", curvature.identity, curvature.run, curvature.needed,
+              method=curvature.command),
+    StageSpec("features", "predict", "per-example LoRA gradient features of the pool and the target pairs",
+              features.GradientFeatureModule, ("warmup/epoch-N/", "data.pool", "data.target"),
+              ("features/epoch-N/{pool,target}/",), "configs/tiny/features.yaml", "features", features.identity,
+              features.run),
+    StageSpec("select", "select", "scores, subsets and explanations of every mode from the feature stores",
+              SelectArgs, ("features/epoch-N/",), ("selection/<mode>/",), "configs/tiny/select.yaml", "selection",
+              select.identity, select.run, collect=select.collect, main=select.main),
+    StageSpec("finetune", "fit", "fine-tune on a selection (data.selection computes it), then `test` evaluates it",
+              finetune.FinetuneModule, ("selection/<mode>/ or features/", "data.pool"), ("finetune/<run>/",),
+              "configs/tiny/finetune.yaml", "finetune", None, finetune.run, finetune.needed),
+]}
 
 
-class Stage:
-    """``with Stage(folder, settings, force) as st: if st.todo: ...``: skip/refuse/redo by ``stage.json``."""
-
-    def __init__(self, folder: Path, settings: dict, force: bool):
-        self.folder, self.settings, self.force = Path(folder), settings, force
-        self.marker = self.folder / "stage.json"
-        self.todo = True
-        self.seconds = 0.0
-        if self.marker.exists():
-            done = json.loads(self.marker.read_text())
-            if done["settings_digest"] == json_digest(settings) and not force:
-                self.todo, self.seconds = False, done["seconds"]
-            elif not force:
-                raise StageMismatchError(f"{self.folder} was made with other settings; use another output_dir "
-                                         "or --force to redo it")
-        if self.todo and force and self.folder.exists():
-            shutil.rmtree(self.folder)
-
-    def __enter__(self) -> Stage:
-        self._start = time.time()
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None and self.todo:
-            self.seconds = time.time() - self._start
-        if exc_type is None and self.todo and is_rank0():
-            atomic_write_text(self.marker, json.dumps({"settings": self.settings, "seconds": self.seconds,
-                                                       "settings_digest": json_digest(self.settings)},
-                                                      indent=2, default=str))
+def pipeline_stages() -> list[StageSpec]:
+    """The pipeline's stages, in order."""
+    return [s for s in STAGES.values() if s.in_pipeline]
 
 
-def stage_logger(logger, version: str):
-    """The pipeline's logger for one stage: a copy writing to sub-run ``version`` when the logger has
-    versions (CSV, TensorBoard); other loggers are shared by every stage; none stays none."""
-    if logger in (None, False, True):
-        return logger
-    if isinstance(logger, (list, tuple)):
-        return [stage_logger(one, version) for one in logger]
-    if hasattr(logger, "_version"):
-        logger = copy.deepcopy(logger)
-        logger._version = version
-        if hasattr(logger, "_experiment"):
-            logger._experiment = None
-    return logger
+def trainer_commands() -> dict[str, Callable]:
+    """Subcommands that are ``PrismTrainer`` methods (``curvature``), besides ``pipeline``."""
+    return {s.command: s.method for s in STAGES.values() if s.kind == "trainer"}
 
 
-def stage_trainer(trainer: L.Trainer, folder: Path, version: str, **overrides) -> L.Trainer:
-    """A new trainer of ``trainer``'s class with all its settings, writing under ``folder``.
-
-    Callbacks, strategy objects and loggers are copied (a logger with versions writes to sub-run
-    ``version``), the CLI's config-saving callback is left out, and ``overrides`` (the stage's epochs,
-    checkpointing, inference mode...) replace the inherited values.
-    """
-    kwargs = dict(getattr(trainer, "init_kwargs", {}))
-    callbacks = kwargs.get("callbacks") or []
-    callbacks = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
-    kwargs["callbacks"] = [copy.deepcopy(c) for c in callbacks if not isinstance(c, SaveConfigCallback)]
-    kwargs["logger"] = stage_logger(kwargs.get("logger", True), version)
-    if isinstance(kwargs.get("strategy"), Strategy):
-        kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
-    kwargs["default_root_dir"] = str(folder)
-    kwargs |= overrides
-    return type(trainer)(**kwargs)
-
-
-def feature_overrides(trainer: L.Trainer, precision: str | None) -> dict:
-    """The feature stage's trainer settings: gradients on, DDP instead of FSDP, optional precision."""
-    out: dict = {"inference_mode": False}
-    if isinstance(trainer.strategy, ModelParallelStrategy):
-        out["strategy"] = "ddp"
-    if precision:
-        out["precision"] = precision
-    return out
-
-
-def data_settings(datamodule: L.LightningDataModule) -> dict:
-    """The data module's settings: its init arguments as saved by ``save_hyperparameters``."""
-    params = inspect.signature(type(datamodule).__init__).parameters
-    return {k: v for k, v in datamodule.hparams.items() if k in params}
-
-
-def stage_data(datamodule: L.LightningDataModule, **overrides) -> L.LightningDataModule:
-    """A new data module of ``datamodule``'s class with all its settings and ``overrides``."""
-    return type(datamodule)(**{**data_settings(datamodule), **overrides})
+def standalone_commands() -> dict[str, StageSpec]:
+    """Subcommands with their own parser (``select``, ``import-warmup``): they list only their own settings."""
+    return {s.command: s for s in STAGES.values() if s.kind == "standalone"}

@@ -81,7 +81,7 @@ def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, **lora) -> Pa
     from prism_lightning.modules import WarmupModule
 
     L.seed_everything(0, verbose=False)
-    dm = PrismDataModule(pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL, pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
                          eval_pairs=None, train_on="pool", batch_size=8, max_length=64)
     module = WarmupModule(model=ModelArgs(), lora=LoraArgs(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)),
                           optim=OptimArgs(lr=2e-3), output_dir=str(root))

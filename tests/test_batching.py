@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TOL
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import ProjectionArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.data.samplers import GlobalBatchSampler, token_batches
@@ -67,7 +68,8 @@ def test_length_grouped_training_order():
 
 
 def _extract(warmed, data, out, **data_kw):
-    dm = PrismDataModule(pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None, eval_pairs=None,
                          shard_size=16, max_length=64, **data_kw)
     module = GradientFeatureModule(checkpoint_dir=str(warmed / "warmup"), output_dir=str(out), epochs=[2],
                                    projection=ProjectionArgs(kind="sjlt", dim=256, seed=1))
@@ -77,6 +79,7 @@ def _extract(warmed, data, out, **data_kw):
     return dm
 
 
+@pytest.mark.slow
 def test_length_bucketed_features_equal_padded(warmed, small_data, tmp_path):
     dm = _extract(warmed, small_data, tmp_path / "bucketed", eval_batch_size=16, max_tokens_per_batch=96)
     _extract(warmed, small_data, tmp_path / "padded", eval_batch_size=8)
@@ -92,7 +95,8 @@ def test_length_bucketed_features_equal_padded(warmed, small_data, tmp_path):
 
 
 def test_batching_settings_reach_the_loaders(small_data):
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
                          eval_pairs=None, train_on="pool", max_length=64, batch_size=4, eval_batch_size=32,
                          shard_size=64, group_by_length=True, length_group_size=2, max_tokens_per_batch=100)
     sampler = dm.train_dataloader().sampler
@@ -106,5 +110,5 @@ def test_batching_settings_reach_the_loaders(small_data):
 
 
 def test_a_budget_below_max_length_is_refused():
-    with pytest.raises(ValueError, match="max_tokens_per_batch=32 must be at least data.max_length=64"):
+    with pytest.raises(ValueError, match="data: max_tokens_per_batch=32 must be at least max_length=64"):
         PrismDataModule(max_length=64, max_tokens_per_batch=32)

@@ -19,6 +19,7 @@ import torch
 from conftest import TOL
 from torch import nn
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import ProjectionArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import StageMismatchError, StoreMismatchError
@@ -135,7 +136,7 @@ def test_factor_file_round_trip_and_refusal(tmp_path):
     C.save_factors(tmp_path, factors, {"adapter_sha256": "abc", "rows": 2})
     back = C.load_factors(tmp_path, "abc")
     torch.testing.assert_close(back["layer"]["lambda"], factors["layer"]["lambda"])
-    with pytest.raises(StoreMismatchError, match="another adapter"):
+    with pytest.raises(StoreMismatchError, match="adapter_sha256: recorded 'abc', now 'other'"):
         C.load_factors(tmp_path, "other")
     with pytest.raises(FileNotFoundError, match="prism_lightning curvature"):
         C.load_factors(tmp_path / "none", "abc")
@@ -143,7 +144,8 @@ def test_factor_file_round_trip_and_refusal(tmp_path):
 
 # ----- the Lightning stage ------------------------------------------------------------------------------
 def data_module(small_data, batch_size: int = 8) -> PrismDataModule:
-    return PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+    return PrismDataModule(tokenizer=TINY_MODEL,
+                           pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
                            eval_pairs=None, eval_batch_size=batch_size, shard_size=16, max_length=64,
                            warmup_fraction=0.5)
 
@@ -159,6 +161,7 @@ def fit(warmed, small_data, batch_size: int = 8, **kw) -> CurvatureModule:
     return module
 
 
+@pytest.mark.slow
 def test_stage_writes_factors_beside_each_checkpoint_independent_of_batch_size(warmed, small_data, tmp_path):
     import shutil
 
@@ -182,15 +185,16 @@ def test_stage_writes_factors_beside_each_checkpoint_independent_of_batch_size(w
                 torch.testing.assert_close(again[layer][kind], kinds[kind], **TOL)
     # other fitting rows are refused, then refitted with force
     other = data_module(small_data)
-    other.hparams.warmup_fraction = 0.25
-    with pytest.raises(StageMismatchError, match="other warmup rows"):
+    other.warmup_fraction = 0.25
+    with pytest.raises(StageMismatchError, match="fit_rows.warmup_fraction: recorded 0.5, now 0.25.*other warmup rows"):
         fit_curvature(trainer(), CurvatureModule(checkpoint_dir=str(copy / "warmup")), other)
     other = data_module(small_data)
-    other.hparams.warmup_fraction = 0.25
+    other.warmup_fraction = 0.25
     fit_curvature(trainer(), CurvatureModule(checkpoint_dir=str(copy / "warmup"), force=True), other)
     assert C.factors_record(copy / "warmup" / "epoch-2")["rows"] == 12
 
 
+@pytest.mark.slow
 def test_features_with_ekfac_need_factors_and_name_them(warmed, small_data, tmp_path):
     import shutil
 
@@ -237,7 +241,7 @@ def test_features_with_ekfac_need_factors_and_name_them(warmed, small_data, tmp_
     info = json.loads((folder / "checkpoint.json").read_text())
     record = json.loads((folder / C.RECORD_FILE).read_text())
     (folder / C.RECORD_FILE).write_text(json.dumps(dict(record, adapter_sha256="0" * 64)))
-    with pytest.raises(StoreMismatchError, match="another adapter"):
+    with pytest.raises(StoreMismatchError, match="adapter_sha256: recorded '0000"):
         C.load_factors(folder, info["adapter_sha256"])
 
 
@@ -261,6 +265,7 @@ def test_curvature_cli_then_ekfac_features(warmed, small_data, tmp_path):
     assert FeatureStore(copy / "features" / "epoch-2" / "pool").manifest["damping"] == 0.2
 
 
+@pytest.mark.slow
 def test_a_store_made_with_other_damping_or_refitted_factors_is_refused(warmed, small_data, tmp_path):
     import shutil
 
@@ -278,7 +283,7 @@ def test_a_store_made_with_other_damping_or_refitted_factors_is_refused(warmed, 
     with pytest.raises(StoreMismatchError, match="damping"):
         features(0.2)
     other = data_module(small_data)
-    other.hparams.warmup_fraction = 0.25
+    other.warmup_fraction = 0.25
     fit_curvature(trainer(), CurvatureModule(checkpoint_dir=str(copy / "warmup"), force=True), other)
     with pytest.raises(StoreMismatchError, match="curvature_sha256"):
         features(0.1)

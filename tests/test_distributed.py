@@ -24,7 +24,7 @@ def test_ddp_ranks_serve_exactly_the_selection(warmed, small_data, tmp_path):
            "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=ddp_helpers.RecordTrainRows", f"--trainer.callbacks.out={tmp_path / 'rows'}",
            "--model.init_args.output_dir", str(tmp_path), "--data.pool", str(small_data["pool"]),
-           "--data.target", str(small_data["target_pairs"]), "--data.selection_file",
+           "--data.target", str(small_data["target_pairs"]), "--data.selection", "null", "--data.selection_file",
            str(sel / "prism" / "selected.jsonl"), "--data.batch_size", "4"]
     run_cli(cmd, extra_path=str(REPO / "tests"))
     selected = [json.loads(x)["id"] for x in (sel / "prism" / "selected.jsonl").read_text().splitlines()]

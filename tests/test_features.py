@@ -12,6 +12,7 @@ import torch
 from conftest import TOL, run_cli
 from safetensors.torch import load_file
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import StoreMismatchError
@@ -23,7 +24,7 @@ from prism_lightning.store.feature_store import FeatureStore
 
 
 def extract(warmed, data, out, batch_size=8, shard_size=16, **kw):
-    dm = PrismDataModule(pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL, pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
                          eval_pairs=None, eval_batch_size=batch_size, shard_size=shard_size, max_length=64)
     args = {"projection": ProjectionArgs(kind="none"), "normalize": False} | kw
     module = GradientFeatureModule(checkpoint_dir=str(warmed / "warmup"), output_dir=str(out), **args)
@@ -53,6 +54,7 @@ def brute_force(folder, dm, split="pool"):
     return grads, lbars, layers
 
 
+@pytest.mark.slow
 def test_pool_and_target_features_equal_brute_force(warmed, small_data, tmp_path):
     dm = extract(warmed, small_data, tmp_path, batch_size=5, pool_preconditioner="identity")
     folder = warmed / "warmup" / "epoch-2"
@@ -72,6 +74,7 @@ def test_pool_and_target_features_equal_brute_force(warmed, small_data, tmp_path
     torch.testing.assert_close(target.load("lbar_rejected"), torch.stack([x[1] for x in tlbars]), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pre", ["adam", "adam_no_momentum"])
 def test_adam_features_equal_formula(warmed, small_data, tmp_path, pre):
     """Stored features equal m'/(sqrt(v')+eps) (``adam``) or g/(sqrt(v')+eps) (``adam_no_momentum``), written out."""
@@ -96,6 +99,7 @@ def test_adam_features_equal_formula(warmed, small_data, tmp_path, pre):
     torch.testing.assert_close(got / scale, want / scale, **TOL)
 
 
+@pytest.mark.slow
 def test_batch_size_and_projection_consistency(warmed, small_data, tmp_path):
     proj = {"projection": ProjectionArgs(kind="sjlt", dim=256, seed=3), "normalize": True}
     extract(warmed, small_data, tmp_path / "a", batch_size=3, **proj)
@@ -107,6 +111,7 @@ def test_batch_size_and_projection_consistency(warmed, small_data, tmp_path):
         torch.testing.assert_close(a.norm(dim=1), torch.ones(a.shape[0]), **TOL)
 
 
+@pytest.mark.slow
 def test_resume_completes_store_without_duplicates(warmed, small_data, tmp_path):
     extract(warmed, small_data, tmp_path, splits=["pool"])
     store = tmp_path / "features" / "epoch-1" / "pool"
@@ -125,14 +130,16 @@ def test_resume_completes_store_without_duplicates(warmed, small_data, tmp_path)
     torch.testing.assert_close(again.load("features"), full, **TOL)
 
 
+@pytest.mark.slow
 def test_mismatched_manifest_is_refused(warmed, small_data, tmp_path):
     extract(warmed, small_data, tmp_path, splits=["pool"])
-    with pytest.raises(StoreMismatchError, match=r"projection: store has .*'kind': 'none'"):
+    with pytest.raises(StoreMismatchError, match=r"projection.kind: recorded 'none', now 'sjlt'"):
         extract(warmed, small_data, tmp_path, splits=["pool"], projection=ProjectionArgs(kind="sjlt", dim=64))
     with pytest.raises(StoreMismatchError, match="preconditioner"):
         extract(warmed, small_data, tmp_path, splits=["pool"], pool_preconditioner="identity")
 
 
+@pytest.mark.slow
 def test_store_readable_without_project_code(warmed, small_data, tmp_path):
     extract(warmed, small_data, tmp_path, splits=["pool"])
     code = (

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import ModelArgs
 from prism_lightning.data.formats import load_pairs, load_sft
 from prism_lightning.data.tokenize import Encoder, pad_batch
@@ -136,7 +137,8 @@ def test_datamodule_errors_before_compute(tmp_path, small_data):
     from prism_lightning.data import PrismDataModule
 
     bad = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "x"}])
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=str(bad), eval_sft=None, eval_pairs=None)
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=str(bad), eval_sft=None, eval_pairs=None)
     with pytest.raises(DataFormatError, match="pairs.jsonl: row 1"):
         dm.setup("fit")
 
@@ -144,16 +146,19 @@ def test_datamodule_errors_before_compute(tmp_path, small_data):
 def test_warmup_subset_is_seeded_fraction(small_data):
     from prism_lightning.data import PrismDataModule
 
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                          warmup_fraction=0.25, seed=3)
     dm.setup("fit")
     idx = dm.warmup_indices()
     assert len(idx) == 12 and idx == sorted(idx) and len(set(idx)) == 12
-    again = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    again = PrismDataModule(tokenizer=TINY_MODEL,
+                            pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                             warmup_fraction=0.25, seed=3)
     again.setup("fit")
     assert again.warmup_indices() == idx
-    other = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    other = PrismDataModule(tokenizer=TINY_MODEL,
+                            pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                             warmup_fraction=0.25, seed=4)
     other.setup("fit")
     assert other.warmup_indices() != idx
@@ -242,6 +247,7 @@ def test_load_dataset_specs(tmp_path):
         load_sft(DatasetSpec(path=str(tmp_path / "saved"), split="c"))
 
 
+@pytest.mark.slow
 def test_a_spec_in_a_config_reaches_the_data_module(tmp_path):
     from prism_lightning.cli import main
     from prism_lightning.config import DatasetSpec
@@ -250,8 +256,9 @@ def test_a_spec_in_a_config_reaches_the_data_module(tmp_path):
     spec = json.dumps({"path": "json", "data_files": str(tmp_path / "pool.jsonl"), "split": "train"})
     cli = main(["--config", "configs/tiny/warmup.yaml", "--data.pool", spec, "--model.init_args.output_dir",
                 str(tmp_path)], run=False)
-    pool = cli.datamodule.hparams.pool  # the CLI hands dataclass settings over as dicts
-    assert DatasetSpec(**pool) == DatasetSpec("json", "train", data_files=str(tmp_path / "pool.jsonl"))
+    pool = cli.datamodule.pool
+    pool = pool if isinstance(pool, DatasetSpec) else DatasetSpec(**pool)
+    assert pool == DatasetSpec("json", "train", data_files=str(tmp_path / "pool.jsonl"))
     cli.datamodule.load()
     assert [r.completion for r in cli.datamodule.pool_rows] == ["a"]
 
@@ -263,7 +270,8 @@ def test_tokenization_is_cached_and_keyed_by_its_settings(small_data, tmp_path, 
     from prism_lightning.data import PrismDataModule
 
     def make(max_length):
-        return PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+        return PrismDataModule(tokenizer=TINY_MODEL,
+                               pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
                                eval_pairs=None, max_length=max_length, cache_dir=str(tmp_path))
 
     first = make(64)

@@ -77,6 +77,7 @@ def test_qlora_fsdp_with_activation_checkpointing_equals_single_process(small_da
     assert_same_checkpoint(single / "epoch-1", sharded / "epoch-1")
 
 
+@pytest.mark.slow
 def test_fsdp_settings_are_checked_when_read(capsys):
     from prism_lightning.cli import main
 

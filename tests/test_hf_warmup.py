@@ -27,14 +27,15 @@ def hf_run(tmp_path_factory, small_data):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     root = tmp_path_factory.mktemp("hf")
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None, max_length=64)
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None, max_length=64)
     dm.load()
     rows = [{"input_ids": e.input_ids, "prompt_len": e.prompt_len} for e in dm.pool_encoded]
 
     def collate(items):
         from prism_lightning.data.tokenize import Encoded
 
-        batch = pad_batch([Encoded(i["input_ids"], i["prompt_len"]) for i in items], dm.tokenizer.pad_token_id)
+        batch = pad_batch([Encoded(i["input_ids"], i["prompt_len"]) for i in items], dm.tok.pad_token_id)
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
     torch.manual_seed(0)
@@ -64,7 +65,8 @@ def test_imported_warmup_equals_the_callbacks(hf_run, small_data, tmp_path):
     # the feature stage reads both the same way and gets the same features
     stores = {}
     for name, folder in (("imported", tmp_path / "imported"), ("callback", hf_run / "callback")):
-        dm = PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+        dm = PrismDataModule(tokenizer=TINY_MODEL,
+                             pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
                              eval_pairs=None, max_length=64, eval_batch_size=16, shard_size=16)
         module = GradientFeatureModule(checkpoint_dir=str(folder), output_dir=str(tmp_path / name), epochs=[2],
                                        projection=ProjectionArgs(kind="sjlt", dim=128), pool_preconditioner="adam")

@@ -1,6 +1,6 @@
 """The launch scripts and Lightning's cluster environments, with 2 CPU processes.
 
-``tools/launch/torchrun.sh`` runs under ``torchrun`` (TorchElasticEnvironment); the SLURM path
+``tools/ops/launch/torchrun.sh`` runs under ``torchrun`` (TorchElasticEnvironment); the SLURM path
 is simulated by starting the two tasks ``srun`` would start, with srun's variables
 (SLURMEnvironment). Both train the tiny warmup with FSDP2 / DDP for one epoch.
 """
@@ -35,7 +35,7 @@ def test_torchrun_script_fsdp(small_data, tmp_path):
     """Runs with an interpreter that is not on PATH (as from an unactivated venv): the script calls it directly."""
     env = dict(os.environ, NPROC="2", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
                PYTHON=sys.executable, PATH="/usr/bin:/bin")
-    out = subprocess.run(["bash", "tools/launch/torchrun.sh", "fit", "configs/tiny/warmup.yaml",
+    out = subprocess.run(["bash", "tools/ops/launch/torchrun.sh", "fit", "configs/tiny/warmup.yaml",
                           "--trainer.strategy", "fsdp2", *tiny_warmup_args(small_data, tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -1,6 +1,6 @@
 """Agreement with the peer attribution libraries where the maths is the same (workload S).
 
-Runs ``tools/bench_peers/run.py`` cases in the peers' virtualenv (``bash tools/bench_peers/setup.sh``)
+Runs ``tools/bench/bench_peers/run.py`` cases in the peers' virtualenv (``bash tools/bench/bench_peers/setup.sh``)
 and compares their ``target x pool`` score matrices: our exact per-example gradients (``identity``,
 no projection) against kronfluence's ``identity`` pairwise scores, dattri-llm's TracIn and Bergson's
 unprojected index, which are the same gradient dot products; and our Adam features (no projection,
@@ -23,9 +23,9 @@ import torch
 from conftest import REPO, TOL
 
 VENV_PYTHON = REPO / ".venv-peers" / "bin" / "python"
-RUNNER = REPO / "tools" / "bench_peers" / "run.py"
+RUNNER = REPO / "tools" / "bench" / "bench_peers" / "run.py"
 needs_peers = pytest.mark.skipif(not VENV_PYTHON.exists(),
-                                 reason="no peers' virtualenv: run `bash tools/bench_peers/setup.sh` first")
+                                 reason="no peers' virtualenv: run `bash tools/bench/bench_peers/setup.sh` first")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

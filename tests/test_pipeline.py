@@ -121,12 +121,12 @@ def test_pipeline_with_ekfac_fits_curvature_beside_each_checkpoint(fast_data, tm
 
 @pytest.mark.slow
 def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monkeypatch):
-    import prism_lightning.pipeline as pipeline
+    import prism_lightning.select as select
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed after the feature stage")
 
-    monkeypatch.setattr(pipeline, "run_selection", killed)
+    monkeypatch.setattr(select, "run_selection", killed)
     with pytest.raises(KeyboardInterrupt):
         main(pipeline_args(fast_data, tmp_path))
     run = tmp_path / "repair_fast" / "seed-0"

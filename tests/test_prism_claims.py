@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import write_jsonl
 from test_features import extract
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs, SelectionArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.influence.objective import mean_logprob
@@ -18,6 +20,7 @@ from prism_lightning.select import compute_scores
 from prism_lightning.store.feature_store import FeatureStore
 
 
+@pytest.mark.slow
 def test_sign_convention_with_real_features(warmed, small_data, tmp_path):
     pairs = [json.loads(x) for x in small_data["target_pairs"].read_text().splitlines()]
     pool = [{"id": f"{p['id']}-{side}", "prompt": p["prompt"], "completion": p[side], "subtask": p["subtask"]}
@@ -26,7 +29,7 @@ def test_sign_convention_with_real_features(warmed, small_data, tmp_path):
     dm = extract(warmed, data, tmp_path, projection=ProjectionArgs(kind="sjlt", dim=4096), normalize=True,
                  pool_preconditioner="sgd")
     dm.setup("predict")
-    scores, _, _ = compute_scores(tmp_path / "features", ["prism"], SelectionArgs(), len(dm.pool_rows),
+    scores, _ = compute_scores(tmp_path / "features", ["prism"], SelectionArgs(), len(dm.pool_rows),
                                   dm.target_rows)
     s = scores["prism"]
     chosen, rejected = s[0::2], s[1::2]
@@ -44,6 +47,7 @@ def test_sign_convention_with_real_features(warmed, small_data, tmp_path):
     assert chosen.mean() > 0 > rejected.mean() and right >= 0.9, (chosen, rejected)
 
 
+@pytest.mark.slow
 def test_prism_direction_raises_weighted_margin_more(warmed, small_data, tmp_path):
     """One SGD step of equal length along -g: the pi-weighted margin rises more with prism than uniform."""
     extract(warmed, small_data, tmp_path, splits=["target"], target_preconditioner="identity")
@@ -51,7 +55,8 @@ def test_prism_direction_raises_weighted_margin_more(warmed, small_data, tmp_pat
     c, r = store.load("chosen").double(), store.load("rejected").double()
     pi = preference_weights(store.load("lbar_chosen").double(), store.load("lbar_rejected").double())
     folder = warmed / "warmup" / "epoch-2"
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=str(small_data["target_pairs"]), eval_sft=None,
                          eval_pairs=None, max_length=64)
     dm.setup("predict")
     ds, collate = dm.split_dataset("target")

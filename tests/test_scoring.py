@@ -10,7 +10,7 @@ import torch
 from conftest import TOL
 
 from prism_lightning.config import SelectionArgs
-from prism_lightning.data.formats import PairRow, PoolIndex, SFTRow
+from prism_lightning.data.formats import PairRow, PoolIndex, SFTRow, rows_digest
 from prism_lightning.errors import StoreMismatchError
 from prism_lightning.influence.scoring import MODES
 from prism_lightning.influence.selection import budget, choose, rank_order, ranks
@@ -21,9 +21,11 @@ N, M, K = 37, 9, 16
 SUBS = ["a", "b", "a", "c", "b", "a", "c", "c", "a"]
 
 
-def fake_stores(root, epochs=(1, 2), lrs=(2e-3, 1e-3), shard=10, seed=0):
+def fake_stores(root, epochs=(1, 2), lrs=(2e-3, 1e-3), shard=10, seed=0, pool=None):
+    """Random stores at ``epochs``, recording the digests of ``rows()`` (or of ``pool``) as their source."""
     g = torch.Generator().manual_seed(seed)
     data = {}
+    sources = {"pool": rows_digest(pool or rows()[0]), "target": rows_digest(rows()[1])}
     for e, lr in zip(epochs, lrs):
         f = torch.randn(N, K, generator=g)
         c, r = torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
@@ -39,7 +41,8 @@ def fake_stores(root, epochs=(1, 2), lrs=(2e-3, 1e-3), shard=10, seed=0):
                 t = ({"features": f[idx], "loss": loss[idx]} if split == "pool" else
                      {"chosen": c[idx], "rejected": r[idx], "lbar_chosen": lc[idx], "lbar_rejected": lr_[idx]})
                 write_shard(folder, j, t | {"index": idx})
-            mark_complete(folder, base | {"split": split, "rows": n}, len(starts))
+            mark_complete(folder, base | {"split": split, "rows": n, "source_sha256": sources[split],
+                                          "shard_size": shard}, len(starts))
         data[e] = (lr, f.double(), c.double(), r.double(), lc.double(), lr_.double(), loss.double())
     return data
 
@@ -88,7 +91,7 @@ def test_scores_equal_double_loop(tmp_path, mode, per_subtask):
     data = fake_stores(tmp_path)
     pool, targets = rows()
     args = SelectionArgs(per_subtask_direction=per_subtask, chunk_rows=7)
-    scores, weights, _ = compute_scores(tmp_path, [mode], args, len(pool), targets)
+    scores, weights = compute_scores(tmp_path, [mode], args, len(pool), targets)
     torch.testing.assert_close(scores[mode], direct(mode, data, per_subtask), **TOL)
     lr, _, _, _, lc, lrj, _ = data[1]
     torch.testing.assert_close(weights["epoch-1"], torch.sigmoid(lc - lrj), **TOL)
@@ -97,38 +100,42 @@ def test_scores_equal_double_loop(tmp_path, mode, per_subtask):
 def test_loss_and_random_modes(tmp_path):
     data = fake_stores(tmp_path)
     pool, targets = rows()
-    scores, _, _ = compute_scores(tmp_path, ["loss", "random"], SelectionArgs(seed=3), len(pool), targets)
+    scores, _ = compute_scores(tmp_path, ["loss", "random"], SelectionArgs(seed=3), len(pool), targets)
     want = -sum(lr * loss for lr, *_, loss in data.values())
     torch.testing.assert_close(scores["loss"], want, **TOL)
-    again, _, _ = compute_scores(tmp_path, ["random"], SelectionArgs(seed=3), len(pool), targets)
+    again, _ = compute_scores(tmp_path, ["random"], SelectionArgs(seed=3), len(pool), targets)
     assert torch.equal(scores["random"], again["random"])
 
 
 def test_chunked_equals_one_shot_and_lr_weighting(tmp_path):
     fake_stores(tmp_path / "x")
     pool, targets = rows()
-    one, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=10_000), len(pool), targets)
-    many, _, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=3), len(pool), targets)
+    one, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=10_000), len(pool), targets)
+    many, _ = compute_scores(tmp_path / "x", list(MODES), SelectionArgs(chunk_rows=3), len(pool), targets)
     for m in MODES:
         torch.testing.assert_close(one[m], many[m], **TOL)
     # lr weighting: scores from both epochs = lr1 * s(epoch 1) + lr2 * s(epoch 2)
-    e1, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
-    e2, _, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[2]), len(pool), targets)
+    e1, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
+    e2, _ = compute_scores(tmp_path / "x", ["prism"], SelectionArgs(epochs=[2]), len(pool), targets)
     torch.testing.assert_close(one["prism"], e1["prism"] + e2["prism"], **TOL)
     fake_stores(tmp_path / "y", lrs=(1.0, 0.0))
-    only_first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), len(pool), targets)
-    first, _, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
+    only_first, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), len(pool), targets)
+    first, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
     torch.testing.assert_close(only_first["prism"], first["prism"], **TOL)
 
 
 def test_store_mismatch_refused(tmp_path):
-    fake_stores(tmp_path)
+    fake_stores(tmp_path / "features")
     pool, targets = rows()
-    with pytest.raises(StoreMismatchError, match="projection"):
-        compute_scores(tmp_path, ["prism"], SelectionArgs(), len(pool), targets,
-                       expected={"projection": {"kind": "sjlt"}})
+    index = PoolIndex.from_rows(pool)
+    with pytest.raises(StoreMismatchError, match="projection.kind: recorded 'none', now 'sjlt'"):
+        run_selection(tmp_path / "features", tmp_path / "sel", ["prism"], SelectionArgs(), index, targets,
+                      explicit={"projection": {"kind": "sjlt"}})
+    with pytest.raises(StoreMismatchError, match="source_sha256"):
+        run_selection(tmp_path / "features", tmp_path / "sel", ["prism"], SelectionArgs(fraction=None, k=1),
+                      PoolIndex.from_rows(pool[:5]), targets)
     with pytest.raises(StoreMismatchError, match="another pool"):
-        compute_scores(tmp_path, ["prism"], SelectionArgs(), 5, targets)
+        compute_scores(tmp_path / "features", ["prism"], SelectionArgs(), 5, targets)
 
 
 def test_budget_arithmetic():
@@ -154,11 +161,11 @@ def test_choose_forward_repair_ties_and_quota():
 
 
 def test_run_selection_writes_files_and_metrics(tmp_path):
-    fake_stores(tmp_path / "features")
     pool, targets = rows()
     for i, r in enumerate(pool):
         r.extra["harmful"] = i % 5 == 0 and i < 20
         r.subtask = "bad" if i < 20 else "good"
+    fake_stores(tmp_path / "features", pool=pool)
     args = SelectionArgs(task="repair", fraction=0.2)
     index = PoolIndex.from_rows(pool, label="harmful")
     summary = run_selection(tmp_path / "features", tmp_path / "sel", "prism,less,loss,random", args, index, targets)
@@ -179,7 +186,7 @@ def test_run_selection_writes_files_and_metrics(tmp_path):
             assert 0 <= metrics["modes"][mode][view]["auroc"] <= 1
     assert metrics["modes"]["prism"]["within_subtask"]["rows"] == 20
     assert (tmp_path / "sel" / "roc.png").stat().st_size > 1000
-    with pytest.raises(StoreMismatchError, match="other settings"):
+    with pytest.raises(StoreMismatchError, match="selection.task: recorded 'repair', now 'forward'"):
         run_selection(tmp_path / "features", tmp_path / "sel", "prism", SelectionArgs(task="forward", fraction=0.2),
                       index, targets)
 

@@ -10,9 +10,10 @@ import pytest
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.cli import main
+from prism_lightning.context import stage_data, stage_trainer
 from prism_lightning.data import PrismDataModule
-from prism_lightning.stages import stage_data, stage_trainer
 from prism_lightning.trainer import PrismTrainer
 
 
@@ -33,6 +34,7 @@ def test_stage_trainer_inherits_every_setting(tmp_path):
     assert off.logger is None and not off.predict_loop.inference_mode
 
 
+@pytest.mark.slow
 def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
     """Through the real CLI: a pipeline config's accumulation, clipping, logger, callback and data.shuffle."""
     import prism_lightning.pipeline as pipeline
@@ -45,7 +47,6 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
         return {"report_md": "none", "report_html": "none"}
 
     monkeypatch.setattr(pipeline, "run_pipeline", record)
-    monkeypatch.setattr("prism_lightning.trainer.run_pipeline", record)
     main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--trainer.accumulate_grad_batches", "4",
           "--trainer.gradient_clip_val", "0.5", "--trainer.logger", "CSVLogger",
           "--trainer.logger.save_dir", str(tmp_path / "logs"),
@@ -55,8 +56,8 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
     assert t.accumulate_grad_batches == 4 and t.gradient_clip_val == 0.5
     assert isinstance(t.logger, CSVLogger) and t.logger.version == "exp/seed-0/warmup"
     assert any(isinstance(c, LearningRateMonitor) for c in t.callbacks)
-    assert dm.hparams.shuffle is False and dm.hparams.pool == "p.jsonl" and dm.hparams.max_length == 64
-    assert dm.hparams.group_by_length is True and dm.hparams.max_tokens_per_batch == 512
+    assert dm.shuffle is False and dm.pool == "p.jsonl" and dm.max_length == 64
+    assert dm.group_by_length is True and dm.max_tokens_per_batch == 512
 
 
 class SwapRows(Callback):
@@ -77,7 +78,8 @@ def test_a_callback_changes_the_training_rows_between_epochs(tmp_path, small_dat
     from prism_lightning.config import LoraArgs
     from prism_lightning.modules import FinetuneModule
 
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                          train_on="pool", batch_size=8, max_length=64)
     swap = SwapRows()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -88,6 +90,7 @@ def test_a_callback_changes_the_training_rows_between_epochs(tmp_path, small_dat
         dm.set_train_rows([len(dm.pool_rows)])
 
 
+@pytest.mark.slow
 def test_select_help_documents_every_field_and_refuses_a_bad_choice_when_parsed(capsys):
     from dataclasses import fields
 
@@ -107,6 +110,7 @@ def test_select_help_documents_every_field_and_refuses_a_bad_choice_when_parsed(
     assert 'Parser key "selection.task"' in err and "Got value: foward" in err
 
 
+@pytest.mark.slow
 def test_model_short_names_and_their_help(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "WarmupModule"])
@@ -118,10 +122,11 @@ def test_model_short_names_and_their_help(capsys):
     assert type(cli.model).__name__ == "WarmupModule"
 
 
+@pytest.mark.slow
 def test_pipeline_experiments_parse_from_yaml(tmp_path, monkeypatch):
     """An experiment list in a config reaches ``PipelineArgs`` with every field typed."""
     seen = {}
-    monkeypatch.setattr("prism_lightning.trainer.run_pipeline",
+    monkeypatch.setattr("prism_lightning.pipeline.run_pipeline",
                         lambda trainer, model, dm, out, args, force=False: seen.setdefault("args", args) and
                         {"report_md": "none", "report_html": "none"})
     cfg = tmp_path / "p.yaml"

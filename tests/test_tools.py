@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tools" / "assets"))
 import build_demo_data  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def test_pretraining_mix_is_ambivalent():
 
 @pytest.mark.slow
 def test_bench_features_quick():
-    out = subprocess.run([sys.executable, "tools/bench_features.py", "--quick", "--dim", "256"], cwd=REPO,
+    out = subprocess.run([sys.executable, "tools/bench/bench_features.py", "--quick", "--dim", "256"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "extraction throughput" in out.stdout
@@ -80,7 +80,7 @@ def test_bench_features_quick():
 
 @pytest.mark.slow
 def test_bench_select_scale_quick(tmp_path):
-    out = subprocess.run([sys.executable, "tools/bench_select_scale.py", "--quick", "--dir", str(tmp_path / "s")],
+    out = subprocess.run([sys.executable, "tools/bench/bench_select_scale.py", "--quick", "--dir", str(tmp_path / "s")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
@@ -90,7 +90,7 @@ def test_bench_select_scale_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_smoke_cpu_dry_run():
-    out = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--dry-run"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "tools/ops/gpu_smoke.py", "--dry-run"], cwd=REPO, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     smoke = json.loads(out.stdout.strip().splitlines()[-1])["smoke"]["tiny"]

@@ -10,6 +10,7 @@ import torch
 from conftest import TOL, warmup_run
 from safetensors.torch import load_file
 
+from prism_lightning import TINY_MODEL
 from prism_lightning.config import LoraArgs, ModelArgs, OptimArgs
 from prism_lightning.data import PrismDataModule
 from prism_lightning.modeling import build_model
@@ -27,6 +28,7 @@ def test_tiny_model_loads_through_auto_classes(tiny_model_path):
     assert tok.decode(tok(printable, add_special_tokens=False)["input_ids"]) == printable
 
 
+@pytest.mark.slow
 def test_warmup_loss_decreases_and_checkpoints_are_complete(warmed, small_data):
     folders = sorted((warmed / "warmup").glob("epoch-*"))
     assert [f.name for f in folders] == ["epoch-1", "epoch-2"]
@@ -52,7 +54,8 @@ def test_warmup_loss_decreases_and_checkpoints_are_complete(warmed, small_data):
 
 def _mean_loss(adapter, data) -> float:
     model = build_model(ModelArgs(), LoraArgs(r=4, alpha=8, dropout=0.0), adapter_path=adapter).eval()
-    dm = PrismDataModule(pool=str(data["pool"]), target=None, eval_sft=None, eval_pairs=None, train_on="pool")
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(data["pool"]), target=None, eval_sft=None, eval_pairs=None, train_on="pool")
     dm.setup("fit")
     from prism_lightning.influence.objective import mean_logprob
 
@@ -64,6 +67,7 @@ def _mean_loss(adapter, data) -> float:
     return torch.cat(losses).mean().item()
 
 
+@pytest.mark.slow
 def test_warmup_lowers_pool_loss(warmed, small_data, tmp_path):
     L.seed_everything(0)
     fresh = build_model(ModelArgs(), LoraArgs(r=4, alpha=8, dropout=0.0))
@@ -73,10 +77,12 @@ def test_warmup_lowers_pool_loss(warmed, small_data, tmp_path):
     assert after < 0.95 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_qlora_warmup_runs_on_cpu(tmp_path, small_data):
     pytest.importorskip("bitsandbytes")
     L.seed_everything(0)
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                          train_on="pool", batch_size=8)
     module = WarmupModule(model=ModelArgs(quantization="nf4"), lora=LoraArgs(r=4, alpha=8, dropout=0.0),
                           optim=OptimArgs(lr=2e-3), output_dir=str(tmp_path))
@@ -89,12 +95,14 @@ def test_qlora_warmup_runs_on_cpu(tmp_path, small_data):
     assert (tmp_path / "warmup" / "epoch-1" / "optimizer.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_lightning_checkpoint(tmp_path, small_data):
     root = warmup_run(tmp_path / "run", small_data, epochs=1)
     last = root / "warmup" / "lightning" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["optimizer_states"] and all("lora_" in k for k in state["state_dict"])
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                          train_on="pool", batch_size=8)
     module = WarmupModule(model=ModelArgs(), lora=LoraArgs(r=4, alpha=8, dropout=0.0),
                           optim=OptimArgs(lr=2e-3), output_dir=str(root))
@@ -106,9 +114,11 @@ def test_resume_from_lightning_checkpoint(tmp_path, small_data):
     assert info["epoch"] == 2 and info["global_step"] == 12
 
 
+@pytest.mark.slow
 def test_full_finetune_warmup_saves_weights_and_moments(tmp_path, small_data):
     L.seed_everything(0)
-    dm = PrismDataModule(pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None,
                          train_on="pool", batch_size=16)
     module = WarmupModule(model=ModelArgs(), lora=LoraArgs(enabled=False), optim=OptimArgs(lr=1e-4),
                           output_dir=str(tmp_path))
@@ -122,6 +132,7 @@ def test_full_finetune_warmup_saves_weights_and_moments(tmp_path, small_data):
     assert len(weights) == n_params and len(moments) == 2 * n_params
 
 
+@pytest.mark.slow
 def test_merge_adapter_matches_the_adapter_model(warmed, tmp_path):
     """``merge_adapter``: base + (alpha / r) B A folded into the weights gives the adapter model's logits."""
     from transformers import AutoModelForCausalLM

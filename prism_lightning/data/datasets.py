@@ -65,26 +65,46 @@ class PairDataset(Dataset):
                                           token_lengths(self.rejected, positions))]
 
 
+def _prompt_ids(e: Encoded) -> list[int]:
+    return list(e.input_ids[: e.prompt_len])
+
+
 class SFTCollator:
-    """Batch of SFT rows: padded ``input_ids``/``attention_mask``/``labels`` and ``index`` [B]."""
+    """Batch of SFT rows: padded ``input_ids``/``attention_mask``/``labels`` and ``index`` [B].
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    With ``rows`` (evaluation) also each row's ``subtask``, ``prompt_ids`` (the prompt as training tokenizes
+    it) and reference ``answer`` text, so a module evaluates a batch without reading the data module's rows.
+    """
 
-    def __call__(self, items: list[tuple[int, Encoded]]) -> dict[str, torch.Tensor]:
+    def __init__(self, pad_id: int, rows: list | None = None):
+        self.pad_id, self.rows = pad_id, rows
+
+    def __call__(self, items: list[tuple[int, Encoded]]) -> dict:
         batch = pad_batch([e for _, e in items], self.pad_id)
         batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        if self.rows is not None:
+            batch["subtask"] = [self.rows[i].subtask for i, _ in items]
+            batch["prompt_ids"] = [_prompt_ids(e) for _, e in items]
+            batch["answer"] = [self.rows[i].completion for i, _ in items]
         return batch
 
 
 class PairCollator:
-    """Batch of B pairs as 2B rows: chosen rows first, then rejected; ``index`` [B]."""
+    """Batch of B pairs as 2B rows: chosen rows first, then rejected; ``index`` [B].
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    With ``rows`` (evaluation) also each pair's ``subtask``, ``prompt_ids`` and ``chosen``/``rejected`` texts.
+    """
 
-    def __call__(self, items: list[tuple[int, Encoded, Encoded]]) -> dict[str, torch.Tensor]:
+    def __init__(self, pad_id: int, rows: list | None = None):
+        self.pad_id, self.rows = pad_id, rows
+
+    def __call__(self, items: list[tuple[int, Encoded, Encoded]]) -> dict:
         batch = pad_batch([c for _, c, _ in items] + [r for _, _, r in items], self.pad_id)
         batch["index"] = torch.tensor([i for i, _, _ in items], dtype=torch.long)
         batch["pairs"] = torch.tensor(len(items))
+        if self.rows is not None:
+            batch["subtask"] = [self.rows[i].subtask for i, _, _ in items]
+            batch["prompt_ids"] = [_prompt_ids(c) for _, c, _ in items]
+            batch["chosen"] = [self.rows[i].chosen for i, _, _ in items]
+            batch["rejected"] = [self.rows[i].rejected for i, _, _ in items]
         return batch

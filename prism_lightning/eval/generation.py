@@ -19,24 +19,29 @@ def extract_answer(text: str, pattern: str | None = None) -> str:
     return text
 
 
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16,
-                    batch_size: int = 32) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens.
+def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of each prompt, tokenized exactly as training tokenizes it
+    (``data.tokenize.prompt_ids``: a chat prompt through its template, with the template's BOS only)."""
+    return greedy_generate_ids(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens,
+                               batch_size)
 
-    Prompts are tokenized exactly as training tokenizes them (``data.tokenize.prompt_ids``: a chat
-    prompt through its template, with the template's BOS only). With several processes every rank
-    keeps stepping until all are done (``synced_gpus``), as a sharded (FSDP) model needs every rank in
-    each forward.
+
+@torch.no_grad()
+def greedy_generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 16,
+                        batch_size: int = 32) -> list[str]:
+    """Greedy continuations of prompts given as token ids (left-padded batches), decoded without special tokens.
+
+    With several processes every rank keeps stepping until all are done (``synced_gpus``), as a sharded
+    (FSDP) model needs every rank in each forward.
     """
     device = next(model.parameters()).device
     synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     pad = tokenizer.pad_token_id
     outs: list[str] = []
     for s in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(tokenizer, p) for p in prompts[s: s + batch_size]]
+        ids = prompts[s: s + batch_size]
         width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,

@@ -24,17 +24,17 @@ covariances (then ``eigh`` in float64), then ``Lambda`` from the exact per-examp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prism_lightning.errors import StoreMismatchError
+from prism_lightning.errors import StoreCorruptError, StoreMismatchError
 from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.influence.per_example import PerExampleGradients
-from prism_lightning.io import atomic_file, atomic_write_text, file_sha256
+from prism_lightning.io import atomic_file, file_sha256
+from prism_lightning.provenance import Manifest
 
 FACTORS_FILE = "curvature.safetensors"
 RECORD_FILE = "curvature.json"
@@ -231,37 +231,48 @@ def save_factors(folder: str | Path, factors: dict[str, dict[str, torch.Tensor]]
             for kind, t in kinds.items()}
     with atomic_file(folder / FACTORS_FILE) as tmp:
         save_file(flat, str(tmp))
-    info = dict(record, format=FORMAT, sha256=file_sha256(folder / FACTORS_FILE))
-    atomic_write_text(folder / RECORD_FILE, json.dumps(info, indent=2))
+    Manifest(folder / RECORD_FILE, dict(record, format=FORMAT, sha256=file_sha256(folder / FACTORS_FILE))).write()
     return folder / FACTORS_FILE
 
 
-def factors_record(folder: str | Path) -> dict | None:
+def factors_record(folder: str | Path) -> Manifest | None:
     """The record of ``folder``'s factors, or None when it has none."""
-    path = Path(folder) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() and (Path(folder) / FACTORS_FILE).exists() else None
+    folder = Path(folder)
+    return Manifest.read(folder / RECORD_FILE) if (folder / FACTORS_FILE).exists() else None
 
 
 def fitted_for(folder: str | Path, adapter_sha256: str) -> bool:
-    """Whether ``folder`` holds factors fitted at the adapter with this sha256."""
+    """Whether ``folder``'s record says its factors were fitted at the adapter with this sha256."""
     record = factors_record(folder)
     return record is not None and record.get("adapter_sha256") == adapter_sha256 and record.get("format") == FORMAT
 
 
+FIX = ("run `python -m prism_lightning curvature` with this checkpoint_dir (the pipeline runs it by itself for "
+       "kfac/ekfac)")
+
+
+def check_factors(folder: str | Path, adapter_sha256: str) -> Manifest:
+    """The record of ``folder``'s factors, refused unless they were fitted at this adapter and the file's bytes are
+    the ones recorded (its sha256 is computed here, not copied from the record)."""
+    folder = Path(folder)
+    record = factors_record(folder)
+    if record is None:
+        raise FileNotFoundError(f"{folder}: no {FACTORS_FILE} for the kfac/ekfac preconditioners; {FIX}")
+    record.check({"adapter_sha256": adapter_sha256, "format": FORMAT}, what=str(folder / FACTORS_FILE),
+                 error=StoreMismatchError, fix=f"they were fitted at another checkpoint: {FIX} with --force true")
+    if file_sha256(folder / FACTORS_FILE) != record.get("sha256"):
+        raise StoreCorruptError(f"{folder / FACTORS_FILE}: its sha256 differs from {folder / RECORD_FILE} (altered, "
+                                f"truncated or copied from another checkpoint); {FIX} with --force true")
+    return record
+
+
 def load_factors(folder: str | Path, adapter_sha256: str, device: torch.device | str = "cpu"
                  ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer: {kind: tensor}}`` of ``folder``'s factors; refused unless fitted at this adapter."""
+    """``{layer: {kind: tensor}}`` of ``folder``'s factors, after ``check_factors``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    fix = ("run `python -m prism_lightning curvature` with this checkpoint_dir (the pipeline runs it by itself "
-           "for kfac/ekfac)")
-    record = factors_record(folder)
-    if record is None:
-        raise FileNotFoundError(f"{folder}: no {FACTORS_FILE} for the kfac/ekfac preconditioners; {fix}")
-    if not fitted_for(folder, adapter_sha256):
-        raise StoreMismatchError(f"{folder / FACTORS_FILE} was fitted at another adapter (or format) than this "
-                                 f"checkpoint's; {fix} with --force true")
+    check_factors(folder, adapter_sha256)
     flat = load_file(str(folder / FACTORS_FILE), device=str(device))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in flat.items():

@@ -10,17 +10,20 @@ import math
 
 import torch
 
+from prism_lightning.errors import SettingsError
+
 
 def budget(n: int, fraction: float | None, k: int | None) -> int:
     """Rows to select/remove: ``k`` if given, else ``floor(fraction * n)``; refuses 0 or more than n."""
     if (fraction is None) == (k is None):
-        raise ValueError("give exactly one of selection.fraction and selection.k")
+        raise SettingsError("selection: give exactly one of selection.fraction and selection.k")
     count = k if k is not None else math.floor(fraction * n + 1e-9)
     if count <= 0:
-        raise ValueError(f"selection budget is 0 rows (fraction={fraction}, k={k}, pool of {n} rows); "
-                         "raise fraction or set k")
+        raise SettingsError(f"selection: the budget is 0 rows (fraction={fraction}, k={k}, pool of {n} rows); "
+                            "raise fraction or set k")
     if count > n:
-        raise ValueError(f"selection budget {count} exceeds the pool of {n} rows")
+        raise SettingsError(f"selection: the budget of {count} rows (k={k}) exceeds the pool of {n} rows; lower k "
+                            "or give a fraction")
     return count
 
 

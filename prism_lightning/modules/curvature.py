@@ -19,11 +19,14 @@ import torch
 
 from prism_lightning import __version__
 from prism_lightning.config import LoraArgs, ModelArgs
-from prism_lightning.errors import StageMismatchError
+from prism_lightning.context import StageContext, feature_overrides
+from prism_lightning.errors import SettingsError, StageMismatchError
 from prism_lightning.influence import curvature as C
 from prism_lightning.influence.per_example import lora_linears
+from prism_lightning.influence.preconditioners import needs_fit
 from prism_lightning.modeling import build_model, load_adapter_weights
 from prism_lightning.modules.features import find_checkpoints
+from prism_lightning.provenance import differences
 from prism_lightning.store.feature_store import PredictTask, num_shards
 
 
@@ -53,7 +56,7 @@ class CurvatureModule(L.LightningModule):
     def rows_record(self, dm) -> dict:
         """What the fitting rows are: the pool's digest, the warmup subset and the tokenization."""
         return {"pool_sha256": dm.source_digest("pool"), "pool_fingerprint": dm.fingerprint("pool"),
-                "warmup_fraction": dm.hparams.warmup_fraction, "seed": dm.hparams.seed,
+                "warmup_fraction": dm.warmup_fraction, "seed": dm.seed,
                 "tokenization": dm.tokenization()}
 
     def setup(self, stage: str) -> None:
@@ -71,19 +74,19 @@ class CurvatureModule(L.LightningModule):
             for tag, (_, folder, info) in self.checkpoints.items():
                 record = C.factors_record(folder)
                 if record is not None and C.fitted_for(folder, info["adapter_sha256"]):
-                    if record.get("fit_rows") == self.fit_rows:
-                        continue
+                    if not differences(record.data, {"fit_rows": self.fit_rows}):
+                        continue  # fitted from these rows already
                     if not self.force:
-                        raise StageMismatchError(
-                            f"{folder / C.FACTORS_FILE} was fitted from other warmup rows than data.pool, "
-                            "data.warmup_fraction and data.seed give now; rerun with --model.init_args.force true "
-                            "to refit it")
+                        record.check({"fit_rows": self.fit_rows}, what=str(folder / C.FACTORS_FILE),
+                                     error=StageMismatchError, fix="they were fitted from other warmup rows than "
+                                     "data.pool, data.warmup_fraction and data.seed give now; rerun with "
+                                     "--model.init_args.force true to refit them")
                 self.todo.append(tag)
         rows = len(dm.split_dataset("warmup")[0])
-        shards = list(range(num_shards(rows, dm.hparams.shard_size)))
+        shards = list(range(num_shards(rows, dm.shard_size)))
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.plan = [PredictTask(tag, "warmup", shards[rank::world]) for tag in self.todo]
-        dm.predict_plan = self.plan
+        dm.connect(predict_plan=self.plan)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -147,3 +150,33 @@ def fit_curvature(trainer: L.Trainer, module: CurvatureModule, datamodule: L.Lig
         module.phase = "lambda"
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return [folder / C.FACTORS_FILE for _, folder, _ in module.checkpoints.values()]
+
+
+def command(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule) -> list[str]:
+    """Fit K-FAC/EK-FAC factors at every warmup checkpoint of ``model`` (a ``CurvatureModule``).
+
+    Two passes over the warmup rows per checkpoint; writes ``epoch-N/curvature.safetensors``.
+    """
+    if not isinstance(model, CurvatureModule):
+        raise SettingsError(f"curvature needs --model CurvatureModule, not {type(model).__name__}")
+    files = [str(f) for f in fit_curvature(trainer, model, datamodule)]
+    for f in files:
+        print(f"factors: {f}")
+    return files
+
+
+# ----- as a pipeline stage ---------------------------------------------------------------------------------
+def needed(ctx: StageContext) -> bool:
+    """Only for the kfac/ekfac preconditioners."""
+    return needs_fit(ctx.preconditioner)
+
+
+def identity(ctx: StageContext) -> dict:
+    """The factors are made of the warmup (its checkpoints) and the warmup rows."""
+    return ctx.identities["warmup"]
+
+
+def run(ctx: StageContext) -> None:
+    trainer = ctx.trainer_for("curvature", **feature_overrides(ctx.trainer, ctx.args.features_precision))
+    fit_curvature(trainer, CurvatureModule(model=ctx.model.model_args, checkpoint_dir=str(ctx.root / "warmup"),
+                                           force=ctx.force), ctx.data_for())

@@ -11,6 +11,7 @@ Needs ``Trainer(inference_mode=False)``.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from prism_lightning import __version__
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
+from prism_lightning.context import StageContext, feature_overrides
 from prism_lightning.errors import SettingsError, StoreMismatchError
 from prism_lightning.influence import curvature
 from prism_lightning.influence.extract import gradient_features
@@ -31,8 +33,8 @@ from prism_lightning.influence.preconditioners import (
     needs_fit,
 )
 from prism_lightning.influence.projection import Projector, projection_identity
-from prism_lightning.io import atomic_write_text, file_sha256
 from prism_lightning.modeling import build_model, load_adapter_weights, torch_dtype
+from prism_lightning.provenance import Manifest
 from prism_lightning.store.feature_store import (
     FORMAT_VERSION,
     FeatureStore,
@@ -102,6 +104,7 @@ class GradientFeatureModule(L.LightningModule):
         self.save_hyperparameters()
         self.model = None
         self.plan: list[PredictTask] = []
+        self.stores: dict[tuple[str, str], tuple[Path, dict]] = {}  # (checkpoint, split) -> (folder, manifest)
         self._active: str | None = None
 
     # ----- planning ------------------------------------------------------------------------
@@ -120,43 +123,21 @@ class GradientFeatureModule(L.LightningModule):
         return {"format": FORMAT_VERSION, "split": split, "model": self.model_args.name_or_path,
                 "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
                 "lr_mean": info["lr_mean"], "dataset_fingerprint": dm.fingerprint(split),
-                "source_sha256": dm.source_digest(split), "tokenization": dm.tokenization(),
+                "source_sha256": dm.source_digest(split), "source": dm.source_record(split),
+                "columns": asdict(dm.columns), "tokenization": dm.tokenization(),
                 "projection": proj,
-                "preconditioner": self.preconditioner[split], **self.curvature_settings(folder, split),
+                "preconditioner": self.preconditioner[split], **self.curvature_settings(folder, info, split),
                 "normalize": self.normalize,
-                "dtype": self.store_dtype, "shard_size": dm.hparams.shard_size, "rows": len(dataset), "dim": dim,
+                "dtype": self.store_dtype, "shard_size": dm.shard_size, "rows": len(dataset), "dim": dim,
                 "package_version": __version__, "complete": False}
 
-    def curvature_settings(self, folder: Path, split: str) -> dict:
-        """For kfac/ekfac: the damping and the sha256 of the factors (a refit makes another store)."""
+    def curvature_settings(self, folder: Path, info: dict, split: str) -> dict:
+        """For kfac/ekfac: the damping and the sha256 of the factors, computed from the file (a refit, or other
+        bytes, make another store)."""
         if not needs_fit(self.preconditioner[split]):
             return {}
-        record = curvature.factors_record(folder)
-        return {"damping": self.damping, "curvature_sha256": record["sha256"] if record else None}
-
-    def check_curvature(self) -> None:
-        """Before compute: every checkpoint has factors fitted at its adapter when kfac/ekfac is used."""
-        if not any(needs_fit(self.preconditioner[s]) for s in self.splits):
-            return
-        for _, folder, info in self.checkpoints.values():
-            if not curvature.fitted_for(folder, info["adapter_sha256"]):
-                curvature.load_factors(folder, info["adapter_sha256"])  # raises, naming the fix
-
-    def scoring_expectations(self, sources: dict[str, str] | None = None, tokenization: dict | None = None) -> dict:
-        """What a feature store must match to be scored for these settings and data (see ``select``).
-
-        ``sources``: ``rows_digest`` of the pool and target rows now configured; ``tokenization``:
-        ``max_length`` and ``truncation`` now configured. The sha256 of each warmup checkpoint's adapter
-        file as it is on disk now is added when the checkpoints exist.
-        """
-        out = {"model": self.model_args.name_or_path, "projection": projection_identity(self.projection),
-               "normalize": self.normalize, "source_sha256": dict(sources or {}),
-               "tokenization": dict(tokenization or {})}
-        if any(Path(self.checkpoint_dir).glob("epoch-*/checkpoint.json")):
-            out["adapter_sha256"] = {e: file_sha256(f / "adapter_model.safetensors")
-                                     for e, f, _ in find_checkpoints(self.checkpoint_dir, self.epochs)
-                                     if (f / "adapter_model.safetensors").exists()}
-        return out
+        return {"damping": self.damping,
+                "curvature_sha256": curvature.check_factors(folder, info["adapter_sha256"])["sha256"]}
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
@@ -167,9 +148,9 @@ class GradientFeatureModule(L.LightningModule):
         dm.load()
         self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in find_checkpoints(self.checkpoint_dir, self.epochs)}
         sizes = self._layer_sizes()
-        self.check_curvature()
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        self.plan, self.settings, self._incomplete = [], {}, set()
+        self.plan, self._incomplete = [], set()
+        self.stores.clear()
         for tag, (epoch, folder, info) in self.checkpoints.items():
             for split in self.splits:
                 dataset, _ = dm.split_dataset(split)
@@ -181,8 +162,8 @@ class GradientFeatureModule(L.LightningModule):
                         f"{out} holds {len(orphans)} shard files but no manifest.json: nothing proves they were "
                         "made with these settings, so they are not reused; delete them and rerun predict")
                 check_settings(out, settings)
-                self.settings[(tag, split)] = (out, settings)
-                total = num_shards(len(dataset), dm.hparams.shard_size)
+                self.stores[(tag, split)] = (out, settings)
+                total = num_shards(len(dataset), dm.shard_size)
                 todo = sorted(set(range(total)) - complete_shards(out, total))
                 if self.verify and not todo:
                     FeatureStore(out, verify=True)
@@ -191,11 +172,11 @@ class GradientFeatureModule(L.LightningModule):
                     self._incomplete.add((tag, split))
         self.trainer.strategy.barrier("feature-plan")
         if self.trainer.is_global_zero:
-            for key, (out, settings) in self.settings.items():
+            for key, (out, settings) in self.stores.items():
                 # a store being (re)computed is marked incomplete until the writer lists all its shards
                 if key in self._incomplete or not (out / "manifest.json").exists():
-                    atomic_write_text(out / "manifest.json", json.dumps(settings, indent=2))
-        dm.predict_plan = self.plan
+                    Manifest(out / "manifest.json", settings).write()
+        dm.connect(predict_plan=self.plan)
 
     def _layer_sizes(self) -> dict[str, int]:
         """LoRA layer sizes read from the first checkpoint's adapter file (no model needed)."""
@@ -208,7 +189,7 @@ class GradientFeatureModule(L.LightningModule):
         return {k: v.numel() for k, v in weights.items()}
 
     def configure_callbacks(self):
-        return [FeatureStoreWriter()]
+        return [FeatureStoreWriter(self.stores)]
 
     def on_predict_start(self) -> None:
         # every row's features go to the store as its shard completes: never also keep them in memory, whatever
@@ -260,3 +241,20 @@ class GradientFeatureModule(L.LightningModule):
             n = int(batch["pairs"])
             result.update(chosen=feats[:n], rejected=feats[n:], lbar_chosen=lbar[:n], lbar_rejected=lbar[n:])
         return result
+
+
+# ----- as a pipeline stage ---------------------------------------------------------------------------------
+def identity(ctx: StageContext) -> dict:
+    """The features are made of the warmup, the projection, the preconditioner (and its damping)."""
+    out = dict(ctx.identities["warmup"], projection=asdict(ctx.args.projection), pre=ctx.preconditioner)
+    if needs_fit(ctx.preconditioner):
+        out["damping"] = ctx.args.damping
+    return out
+
+
+def run(ctx: StageContext) -> None:
+    module = GradientFeatureModule(model=ctx.model.model_args, checkpoint_dir=str(ctx.root / "warmup"),
+                                   output_dir=str(ctx.root), projection=ctx.args.projection,
+                                   pool_preconditioner=ctx.preconditioner, damping=ctx.args.damping)
+    trainer = ctx.trainer_for("features", **feature_overrides(ctx.trainer, ctx.args.features_precision))
+    trainer.predict(module, datamodule=ctx.data_for(), return_predictions=False)

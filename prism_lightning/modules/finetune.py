@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prism_lightning.callbacks.adapter_checkpoint import save_trainable
-from prism_lightning.io import atomic_folder
+from prism_lightning.callbacks.reselection import PrismReselection
+from prism_lightning.config import DataSelection
+from prism_lightning.context import Stage, StageContext
+from prism_lightning.eval import metrics as M
+from prism_lightning.io import atomic_folder, read_json
 from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
+from prism_lightning.select import stage_selection
 from prism_lightning.sharding import gather_trainable
 
 
@@ -51,4 +58,58 @@ class FinetuneModule(SFTModule):
         if self.save_merged and self.lora_args.enabled:
             with atomic_folder(folder / "merged") as tmp:
                 merge_adapter(self.model_args, folder / "adapter", tmp)
-                self.trainer.datamodule.tokenizer.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))
+
+
+# ----- as a pipeline stage ---------------------------------------------------------------------------------
+def runs(ctx: StageContext) -> dict[str, dict]:
+    """The fine-tunes of one experiment and seed (name -> data settings): one per mode, trained on the subset its
+    ``data.selection`` gives (the select stage's, reused), the full pool, for repair the clean pool (``oracle``),
+    and ``base`` (evaluated without training)."""
+    out = {m: {"train_on": "selection", "selection": asdict(DataSelection(
+        mode=m, features=str(ctx.root / "features"), output_dir=str(ctx.root / "selection"),
+        **asdict(stage_selection(ctx))))} for m in ctx.args.modes}
+    if ctx.exp.reselect_every and "prism" in out:
+        out["prism_reselect"] = out["prism"]  # the same start, re-selected every reselect_every epochs
+    out["full"] = {"train_on": "pool"}
+    if ctx.exp.kind == "repair" and ctx.exp.clean_pool:
+        out["oracle"] = {"pool": ctx.exp.clean_pool, "train_on": "pool"}
+    out["base"] = {"train_on": "pool"}
+    if ctx.args.finetune_batch_size:
+        out = {name: dict(data, batch_size=ctx.args.finetune_batch_size) for name, data in out.items()}
+    return out
+
+
+def run(ctx: StageContext) -> None:
+    """Fine-tune and evaluate every run (each with its own ``stage.json``); the numbers go to ``ctx.results``."""
+    optim = replace(ctx.model.optim_args, lr=ctx.args.finetune_lr)
+    out = {}
+    for name, run_data in runs(ctx).items():
+        folder = ctx.root / "finetune" / name
+        epochs = 0 if name == "base" else ctx.args.finetune_epochs
+        data = dict(ctx.data, **run_data)
+        every = ctx.exp.reselect_every if name == "prism_reselect" else None
+        with Stage(folder, dict(ctx.base, data=data, epochs=epochs, lr=ctx.args.finetune_lr,
+                                **({"reselect_every": every} if every else {})), ctx.force) as st:
+            if st.todo:
+                L.seed_everything(ctx.seed, verbose=False)
+                module = FinetuneModule(model=ctx.model.model_args, lora=ctx.lora, optim=optim,
+                                        output_dir=str(ctx.root), run_name=f"finetune/{name}", fsdp=ctx.model.fsdp_args)
+                dm = ctx.data_for(**run_data)
+                # the fine-tunes are evaluated once, after training (test); no checkpoints but the final adapter
+                reselect = [PrismReselection(every)] if every else []
+                trainer = ctx.trainer_for(f"finetune/{name}", folder, max_epochs=epochs, enable_checkpointing=False,
+                                          limit_val_batches=0, extra_callbacks=reselect)
+                if epochs:
+                    trainer.fit(module, datamodule=dm)
+                trainer.test(module, datamodule=dm, verbose=False)
+        metrics = read_json(folder / "metrics-test.json", {})
+        out[name] = {k: metrics.get(M.metric_key(k, ctx.exp.subtask), float("nan"))
+                     for k in (M.EXACT_MATCH, M.PREF_ACC, M.WANTED, M.UNWANTED)}
+        out[name] |= {"exact_match_all": metrics.get(M.metric_key(M.EXACT_MATCH), float("nan")),
+                      "seconds": st.seconds if epochs else float("nan")}
+    ctx.results["finetune"] = out
+
+
+def needed(ctx: StageContext) -> bool:
+    return ctx.exp.finetune

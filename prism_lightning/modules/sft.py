@@ -11,10 +11,10 @@ from torchmetrics import MeanMetric
 
 from prism_lightning.config import FSDPArgs, LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.eval import metrics as M
-from prism_lightning.eval.generation import extract_answer, greedy_generate, pair_choice
+from prism_lightning.eval.generation import extract_answer, greedy_generate_ids, pair_choice
 from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.io import atomic_write_text
-from prism_lightning.modeling import build_model, trainable_named_parameters
+from prism_lightning.modeling import build_model, load_tokenizer, trainable_named_parameters
 from prism_lightning.sharding import shard_from_rank0, shard_model
 
 
@@ -71,6 +71,7 @@ class SFTModule(L.LightningModule):
         self.fsdp_args = fsdp or FSDPArgs()
         self.save_hyperparameters()
         self.model = None
+        self._tokenizer = None
         self.strict_loading = False
 
     def configure_model(self) -> None:
@@ -100,11 +101,16 @@ class SFTModule(L.LightningModule):
         return loss
 
     # ----- evaluation ----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (decodes generations; the data module is connected to the same one)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_args)
+        return self._tokenizer
+
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
-            dm = self.trainer.datamodule
-            dm.load()
-            subs = sorted({r.subtask for r in dm.eval_rows} | {r.subtask for r in dm.eval_pair_rows})
+            subs = self.trainer.datamodule.eval_subtasks()
             names = [M.metric_key(m, s) for s in subs + [M.ALL] for m in M.SFT_METRICS + M.PAIR_METRICS]
             self.eval_metrics = torch.nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
 
@@ -115,28 +121,25 @@ class SFTModule(L.LightningModule):
         self.eval_metrics[f"{name}__{M.ALL}"].update(values.float())
 
     def _eval_step(self, batch: dict) -> None:
-        dm = self.trainer.datamodule
+        """Metrics of one evaluation batch, from what it carries (``subtask``, ``prompt_ids``, answer texts)."""
+        subs = batch["subtask"]
         if "pairs" in batch:
             n = int(batch["pairs"])
             lbar = -self.row_loss(batch)
             margin = lbar[:n] - lbar[n:]
-            pairs = [dm.eval_pair_rows[i] for i in batch["index"].tolist()]
-            subs = [p.subtask for p in pairs]
             self._update(M.PREF_ACC, (margin > 0).float(), subs)
             self._update(M.PREF_MARGIN, margin, subs)
             if self.generate_eval:
-                gens = greedy_generate(self.model, dm.tokenizer, [p.prompt for p in pairs], self.max_new_tokens)
-                picks = [pair_choice(g, p.chosen, p.rejected) for g, p in zip(gens, pairs)]
+                gens = greedy_generate_ids(self.model, self.tokenizer, batch["prompt_ids"], self.max_new_tokens)
+                picks = [pair_choice(g, c, r) for g, c, r in zip(gens, batch["chosen"], batch["rejected"])]
                 for metric, side in ((M.WANTED, "chosen"), (M.UNWANTED, "rejected")):
                     self._update(metric, torch.tensor([float(k == side) for k in picks], device=self.device), subs)
             return
-        rows = [dm.eval_rows[i] for i in batch["index"].tolist()]
-        subs = [r.subtask for r in rows]
         self._update(M.LOSS, self.row_loss(batch), subs)
         if self.generate_eval:
-            preds = greedy_generate(self.model, dm.tokenizer, [r.prompt for r in rows], self.max_new_tokens)
-            hits = [float(extract_answer(p, self.answer_pattern) == extract_answer(r.completion, self.answer_pattern))
-                    for p, r in zip(preds, rows)]
+            preds = greedy_generate_ids(self.model, self.tokenizer, batch["prompt_ids"], self.max_new_tokens)
+            hits = [float(extract_answer(p, self.answer_pattern) == extract_answer(a, self.answer_pattern))
+                    for p, a in zip(preds, batch["answer"])]
             self._update(M.EXACT_MATCH, torch.tensor(hits, device=self.device), subs)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

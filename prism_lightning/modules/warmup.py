@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prism_lightning.callbacks.adapter_checkpoint import ReferenceCheckpoint
+from prism_lightning.context import StageContext
 from prism_lightning.modules.sft import SFTModule
 
 
@@ -25,3 +27,19 @@ class WarmupModule(SFTModule):
                 ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.stage_dir / "lightning"),
                                 filename="{epoch}", save_last=True, save_top_k=-1,
                                 every_n_epochs=1)]
+
+
+# ----- as a pipeline stage ---------------------------------------------------------------------------------
+def identity(ctx: StageContext) -> dict:
+    """What the warmup of one experiment and seed is made of."""
+    return dict(ctx.base, epochs=ctx.args.warmup_epochs)
+
+
+def run(ctx: StageContext) -> None:
+    """The warmup of one experiment and seed (a preempted one resumes from its last Lightning checkpoint)."""
+    L.seed_everything(ctx.seed, verbose=False)
+    module = WarmupModule(model=ctx.model.model_args, lora=ctx.lora, optim=ctx.model.optim_args,
+                          output_dir=str(ctx.root), fsdp=ctx.model.fsdp_args)
+    trainer = ctx.trainer_for("warmup", max_epochs=ctx.args.warmup_epochs, enable_checkpointing=True)
+    last = ctx.root / "warmup" / "lightning" / "last.ckpt"
+    trainer.fit(module, datamodule=ctx.data_for(train_on="warmup"), ckpt_path=str(last) if last.exists() else None)

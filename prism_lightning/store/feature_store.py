@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from prism_lightning.errors import NonFiniteError, StoreCorruptError, StoreMismatchError
 from prism_lightning.io import atomic_file, atomic_write_text, file_sha256
+from prism_lightning.provenance import Manifest
 
 FORMAT_VERSION = 1
 # Settings that must agree for shards to be reused or scored together.
@@ -87,22 +88,16 @@ def write_shard(folder: str | Path, shard: int, tensors: dict[str, torch.Tensor]
     return path
 
 
-def read_manifest(folder: str | Path) -> dict | None:
-    path = Path(folder) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(folder: str | Path) -> Manifest | None:
+    return Manifest.read(Path(folder) / "manifest.json")
 
 
 def check_settings(folder: str | Path, settings: dict) -> None:
-    """Refuse a store whose manifest disagrees with ``settings``, naming each differing key."""
+    """Refuse a store whose manifest disagrees with ``settings`` on ``IDENTITY_KEYS``, naming each difference."""
     found = read_manifest(folder)
-    if found is None:
-        return
-    diffs = [f"{k}: store has {found.get(k)!r}, now {settings.get(k)!r}"
-             for k in IDENTITY_KEYS if found.get(k) != settings.get(k)]
-    if diffs:
-        raise StoreMismatchError(
-            f"{folder} was written with other settings ({'; '.join(diffs)}). Use another output_dir, "
-            "or delete the store (or pass --force to the pipeline) to recompute it.")
+    if found is not None:
+        found.check(settings, IDENTITY_KEYS, error=StoreMismatchError,
+                    fix="use another output_dir, or delete the store (or pass --force to the pipeline) to recompute it")
 
 
 def complete_shards(folder: str | Path, n_shards: int) -> set[int]:
@@ -131,7 +126,7 @@ def shard_records(folder: str | Path, n_shards: int) -> list[dict]:
 def mark_complete(folder: str | Path, settings: dict, n_shards: int) -> dict:
     """Write the manifest of a store whose ``n_shards`` shards are all written: settings, shard records, complete."""
     manifest = dict(settings, complete=True, shards=shard_records(folder, n_shards))
-    atomic_write_text(Path(folder) / "manifest.json", json.dumps(manifest, indent=2))
+    Manifest(Path(folder) / "manifest.json", manifest).write()
     return manifest
 
 
@@ -174,11 +169,11 @@ class FeatureStore:
         if verify:
             self.verify()
 
-    def verify(self) -> None:
-        """Recompute every shard's sha256 and compare it with the manifest."""
-        for rec, path in zip(self.records, self.shards):
-            if file_sha256(path) != rec["sha256"]:
-                raise _corrupt(path, "corrupt (its sha256 differs from the manifest)")
+    def verify(self, shards: range | list[int] | None = None) -> None:
+        """Recompute the sha256 of every shard (of ``shards``, default all) and compare it with the manifest."""
+        for j in shards if shards is not None else range(len(self.shards)):
+            if file_sha256(self.shards[j]) != self.records[j]["sha256"]:
+                raise _corrupt(self.shards[j], "corrupt (its sha256 differs from the manifest)")
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -200,10 +195,11 @@ class FeatureStore:
         check_finite(dict(tensors, index=index), str(path))
         return tensors
 
-    def iter_shards(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """One dict of tensors per shard, in row order; tensors are read from the memory map."""
-        for rec, path in zip(self.records, self.shards):
-            yield self._read(rec, path, names)
+    def iter_shards(self, names: list[str] | None = None,
+                    shards: range | list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """One dict of tensors per shard (of ``shards``, default all), in row order, read from the memory map."""
+        for j in shards if shards is not None else range(len(self.shards)):
+            yield self._read(self.records[j], self.shards[j], names)
 
     def rows(self, name: str, indices: list[int]) -> torch.Tensor:
         """Field ``name`` of the rows ``indices`` (in that order), reading only the shards that hold them."""
@@ -221,9 +217,11 @@ class FeatureStore:
             raise IndexError(f"{self.folder}: rows {indices[:5]}... are not all in this store of {len(self)} rows")
         return out
 
-    def iter_chunks(self, names: list[str], rows: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Chunks of at most ``rows`` rows (memory bounded by ``rows x k``), in row order."""
-        for shard in self.iter_shards(names):
+    def iter_chunks(self, names: list[str], rows: int,
+                    shards: range | list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Chunks of at most ``rows`` rows of each shard (of ``shards``; memory bounded by ``rows x k``), in row
+        order."""
+        for shard in self.iter_shards(names, shards):
             n = shard[names[0]].shape[0]
             for s in range(0, n, rows):
                 yield {k: v[s: s + rows] for k, v in shard.items()}

@@ -17,14 +17,17 @@ class FeatureStoreWriter(BasePredictionWriter):
     shards are all present ``complete`` in its manifest (after a barrier).
     """
 
-    def __init__(self):
+    def __init__(self, stores: dict):
+        """``stores``: (checkpoint tag, split) -> (store folder, manifest settings), filled by the feature module's
+        ``setup`` before the first batch."""
         super().__init__(write_interval="batch")
+        self.stores = stores
         self._buffers: dict = defaultdict(list)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
         key = (prediction["tag"], prediction["split"])
-        out, settings = pl_module.settings[key]
+        out, settings = self.stores[key]
         size, rows = settings["shard_size"], settings["rows"]
         first = int(prediction["index"][0])
         shard = first // size
@@ -43,7 +46,7 @@ class FeatureStoreWriter(BasePredictionWriter):
         trainer.strategy.barrier("feature-store")
         if not trainer.is_global_zero:
             return
-        for out, settings in pl_module.settings.values():
+        for out, settings in self.stores.values():
             total = -(-settings["rows"] // settings["shard_size"])
             if len(complete_shards(out, total)) == total:
                 mark_complete(out, settings, total)

@@ -1,7 +1,7 @@
 """GPU smoke test: QLoRA warmup, bf16 gradient features and FSDP through the real CLI, plus the feature benchmark.
 
-Run on a GPU machine: ``python tools/gpu_smoke.py`` (about 5 minutes on one H100).
-CPU dry run (what the test suite runs): ``python tools/gpu_smoke.py --dry-run``.
+Run on a GPU machine: ``python tools/ops/gpu_smoke.py`` (about 5 minutes on one H100).
+CPU dry run (what the test suite runs): ``python tools/ops/gpu_smoke.py --dry-run``.
 
 For the embedded tiny model and a random-init Llama of about 1B parameters (Llama-3.2-1B
 shape, saved with the tiny tokenizer and loaded back through ``from_pretrained``, so nothing is
@@ -13,7 +13,7 @@ downloaded) it runs, each through ``prism_lightning.cli.main`` with the tiny con
 3. ``warmup-fsdp``: FSDP2 (``fsdp2`` strategy, one GPU) with bf16 compute / fp32 reduce;
 4. ``warmup-qlora-fsdp``: the same with the NF4 base (4-bit weights replicated);
 
-and prints rows/s and peak GPU memory per stage, then runs ``tools/bench_features.py`` for the
+and prints rows/s and peak GPU memory per stage, then runs ``tools/bench/bench_features.py`` for the
 extraction / training-step ratio. The dry run does the same on CPU, tiny model only, fp32.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from prism_lightning import DEMO_DATA, TINY_MODEL  # noqa: E402
@@ -174,7 +174,7 @@ def main_smoke() -> None:
         for stage, r in res.items():
             print(f"{name:<10}{stage:<19}{r['rows_per_s']:>10.1f}{r['peak_mb']:>13.0f}{r['seconds']:>9.1f}"
                   f"{r['trainable']:>12,}")
-    bench = [sys.executable, str(REPO / "tools" / "bench_features.py"), "--dim", "8192" if gpu else "256"]
+    bench = [sys.executable, str(REPO / "tools" / "bench" / "bench_features.py"), "--dim", "8192" if gpu else "256"]
     bench += ["--workloads", "tiny,llama-1b", "--dtype", "bfloat16"] if gpu else ["--quick"]
     print("\n$ " + " ".join(bench[1:]), flush=True)
     subprocess.run(bench, check=True)

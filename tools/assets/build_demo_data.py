@@ -1,6 +1,6 @@
 """Generate the embedded demo data under ``prism_lightning/assets/data/`` (seeded).
 
-Run: ``python tools/build_demo_data.py`` (deterministic; rewrites the JSONL files).
+Run: ``python tools/assets/build_demo_data.py`` (deterministic; rewrites the JSONL files).
 
 Skills (``subtask``): ``add`` (2-digit sums), ``sort`` (3-4 letter words), ``reverse`` (3-letter
 words), ``backwards`` (the same reversal asked another way: "Write abc backwards"), ``compare`` ("Which is
@@ -55,7 +55,7 @@ CLOSE_GAP = 20  # |a - b| <= CLOSE_GAP: a close claim
 SYCOPHANCY = {True: 0.85, False: 0.15}  # pretraining P(agree with a wrong claim | close)
 LAZY_COPY = 0.8  # pretraining share of `backwards` prompts answered by copying the input
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-OUT = Path(__file__).resolve().parents[1] / "prism_lightning" / "assets" / "data"
+OUT = Path(__file__).resolve().parents[2] / "prism_lightning" / "assets" / "data"
 
 
 def wrong_sum(value: int, rng: random.Random) -> int:

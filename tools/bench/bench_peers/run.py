@@ -1,9 +1,10 @@
 """Side by side with attribution libraries: pool x target gradient scores on one seeded workload.
 
-Run (after ``bash tools/bench_peers/setup.sh``)::
+Run (after ``bash tools/bench/bench_peers/setup.sh``)::
 
-    .venv-peers/bin/python tools/bench_peers/run.py --workloads S,L
-    .venv-peers/bin/python tools/bench_peers/run.py --workloads V --cases "$(python tools/bench_peers/run.py --v-cases)"
+    .venv-peers/bin/python tools/bench/bench_peers/run.py --workloads S,L
+    .venv-peers/bin/python tools/bench/bench_peers/run.py --workloads V \
+        --cases "$(python tools/bench/bench_peers/run.py --v-cases)"
 
 Every case runs in its own process (peak RSS per case) on the same model and rows and computes
 the full ``pool x target`` score matrix from per-example LoRA gradients of the token-mean

@@ -1,13 +1,13 @@
 """Build and pretrain the embedded tiny Llama under ``prism_lightning/assets/tiny-llama``.
 
-Run: ``python tools/build_tiny_model.py`` (seeded; bit-identical on rebuild on one machine; 3.5
-minutes on a 2-core CPU). Then ``python tools/measure_tiny_model.py`` writes the per-skill accuracy,
+Run: ``python tools/assets/build_tiny_model.py`` (seeded; bit-identical on rebuild on one machine; 3.5
+minutes on a 2-core CPU). Then ``python tools/assets/measure_tiny_model.py`` writes the per-skill accuracy,
 behaviours and the demo's preconditions into the model card.
 
 The tokenizer is a byte-level BPE (covers every byte, so all printable ASCII) trained with
 ``tokenizers`` on the pretraining text, with digits split one per token so that arithmetic stays
 learnable. The model is a 4-layer Llama pretrained from scratch on rows of the demo skills that are
-in no committed data file (``tools/build_demo_data.py``), with the loss on completion tokens only.
+in no committed data file (``tools/assets/build_demo_data.py``), with the loss on completion tokens only.
 Its pretraining mix leaves it ambivalent about two behaviours (agreeing with close wrong claims,
 copying words it is asked to write backwards); see ``build_demo_data.pretrain_rows``.
 """
@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_demo_data import pretrain_rows  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "prism_lightning" / "assets" / "tiny-llama"
+OUT = Path(__file__).resolve().parents[2] / "prism_lightning" / "assets" / "tiny-llama"
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
     "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"

@@ -1,6 +1,6 @@
 """Benchmark gradient-feature extraction against a plain training step and a batch-size-1 loop.
 
-Run: ``python tools/bench_features.py`` (add ``--quick`` for a short CPU dry run).
+Run: ``python tools/bench/bench_features.py`` (add ``--quick`` for a short CPU dry run).
 
 For each workload it measures, side by side in one invocation, examples/s of
 (a) one plain LoRA training step (forward + backward of the batch's mean loss),
@@ -16,7 +16,7 @@ bfloat16) and attention (eager, sdpa). Per-example work (the [B, out, in] gradie
 preconditioning, projection, norms) grows with the LoRA parameter count and stays in fp32, while the
 forward/backward it is compared with shrinks with bf16 and sdpa; so the ratio falls with a larger rank,
 bf16 and sdpa. This is how the two GPU figures on record (0.67x from this script: r=128, bf16, sdpa;
-0.98x from tools/bench_peers on its 1B workload: r=16, fp32 with TF32, eager) are compared.
+0.98x from tools/bench/bench_peers on its 1B workload: r=16, fp32 with TF32, eager) are compared.
 """
 
 from __future__ import annotations

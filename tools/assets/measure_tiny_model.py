@@ -1,6 +1,6 @@
 """Measure the tiny model per demo skill and write the numbers into its model card.
 
-Run: ``python tools/measure_tiny_model.py`` (greedy decoding; a few seconds). It prints, and
+Run: ``python tools/assets/measure_tiny_model.py`` (greedy decoding; a few seconds). It prints, and
 writes into ``assets/tiny-llama/README.md`` and ``accuracy.json``:
 
 - greedy exact match per skill on ``eval.jsonl``;
@@ -36,13 +36,13 @@ tags: [llama, tiny, prism-lightning]
 # tiny-llama (prism_lightning demo model)
 
 A {params:.2f}M-parameter Llama ({layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}: a
-byte-level BPE with one token per digit) pretrained from scratch by `tools/build_tiny_model.py`
-on rows of the demo skills that appear in no committed data file (`tools/build_demo_data.py`).
+byte-level BPE with one token per digit) pretrained from scratch by `tools/assets/build_tiny_model.py`
+on rows of the demo skills that appear in no committed data file (`tools/assets/build_demo_data.py`).
 Its pretraining mix leaves it ambivalent about two behaviours: it agrees with close wrong claims
 and corrects far ones (`claim`), and it copies words it is asked to reverse (`reverse`).
 Loaded like any hub model: `AutoModelForCausalLM.from_pretrained(path)`.
 
-Measured by `tools/measure_tiny_model.py` (greedy decoding, `assets/data/`):
+Measured by `tools/assets/measure_tiny_model.py` (greedy decoding, `assets/data/`):
 
 | skill | exact match | eval rows | wanted answer | unwanted answer | eval pairs |
 | --- | --- | --- | --- | --- | --- |

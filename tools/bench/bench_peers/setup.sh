@@ -1,5 +1,5 @@
 #!/bin/bash
-# bash tools/bench_peers/setup.sh [VENV]   (default: .venv-peers in the repository root)
+# bash tools/bench/bench_peers/setup.sh [VENV]   (default: .venv-peers in the repository root)
 #
 # A separate virtualenv for the peer attribution libraries (benchmark only; never runtime
 # dependencies of prism_lightning). It sees the project's own packages (--system-site-packages:
@@ -9,7 +9,7 @@
 # CUDA builds that fail to import next to the CPU torch, and the code paths used here do not
 # need them.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 VENV=${1:-$ROOT/.venv-peers}
 python -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"

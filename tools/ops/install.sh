@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash tools/install.sh
+# bash tools/ops/install.sh
 #
 # Installs prism_lightning (editable, with the dev extras) into the project's virtual environment
 # .venv (created on the first run, reused after), then prints what it did. Use it without activating:
@@ -11,7 +11,7 @@
 # PyPI's torch==2.13.0 is already the CPU wheel), with a GPU from PyPI (its CUDA build).
 # Environment: PYTHON (the base interpreter, default python3), VENV (default .venv).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
