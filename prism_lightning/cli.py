@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -29,15 +30,26 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import prism_lightning.modules  # noqa: F401  (registers WarmupModule, GradientFeatureModule, ... for --model)
 from prism_lightning.data.datamodule import PrismDataModule
-from prism_lightning.errors import DataFormatError, LockedError, ProvenanceError, SettingsError
+from prism_lightning.errors import DataFormatError, LockedError, ProvenanceError, SettingsError, WriteError
 from prism_lightning.io import run_lock
 from prism_lightning.stages import LIGHTNING_COMMANDS, STAGES, standalone_commands
 from prism_lightning.trainer import PrismTrainer
 
 PROG = "python -m prism_lightning"
 DESCRIPTION = "PRISM: preference-aware influence-based data selection for LLM fine-tuning"
-USER_ERRORS = (DataFormatError, SettingsError, ProvenanceError, LockedError, FileNotFoundError)
+USER_ERRORS = (DataFormatError, SettingsError, ProvenanceError, LockedError, WriteError, FileNotFoundError)
 SIGTERM_EXIT = 143  # 128 + SIGTERM: what schedulers read as "killed by SIGTERM"
+SIGINT_EXIT = 130  # 128 + SIGINT (Ctrl+C)
+INTERRUPTED = []  # set by the SIGINT handler: Lightning turns a KeyboardInterrupt into exit status 1
+
+
+def _on_sigint(signum, frame):
+    INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):  # stand-alone commands: unwind (temporary files are removed) and exit 143
+    raise SIGTERMException
 
 
 def debug() -> bool:
@@ -141,6 +153,19 @@ class PrismCLI(LightningCLI):
         if model_args is not None:  # the data module tokenizes with the model's tokenizer (data.tokenizer wins)
             self.datamodule.connect(tokenizer=model_args.name_or_path)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        """``--ckpt_path last`` resolved to the module's own ``last.ckpt``: Lightning looks for it before the
+        module's ``configure_callbacks`` adds the checkpoint callback that knows where it is, and would start
+        over with only a warning."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last" and hasattr(self.model, "last_checkpoint"):
+            found = self.model.last_checkpoint()
+            if found is None:
+                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt of this run under {self.model.output_dir}; "
+                                        "drop --ckpt_path to start the run")
+            kwargs["ckpt_path"] = str(found)
+        return kwargs
+
     def _run_subcommand(self, subcommand: str) -> None:
         folder = self.output_dir(subcommand)
         if folder is None or not self.trainer.is_global_zero:  # rank 0 holds the lock for every rank
@@ -163,19 +188,11 @@ def main(args: list[str] | None = None, run: bool = True):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     standalone = standalone_commands().get(rest[0])
     if standalone is not None:  # a parser of its own settings only
-        try:
-            return standalone.main(rest[1:])
-        except Exception as err:
-            problem = user_problem(err)
-            if problem is None or debug():
-                raise
-            sys.stderr.write(f"error: {problem}\n")
-            sys.exit(2)
+        return _guarded(lambda: standalone.main(rest[1:]), sigterm=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the feature writer reads row indices from each batch, not from the sampler
     warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-    try:
-        return PrismCLI(
+    return _guarded(lambda: PrismCLI(
             model_class=None,
             datamodule_class=PrismDataModule,
             trainer_class=PrismTrainer,
@@ -186,16 +203,39 @@ def main(args: list[str] | None = None, run: bool = True):
             run=run,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": PROG, "description": DESCRIPTION},
-        )
+        ))
+
+
+def _guarded(run, sigterm: bool = False):
+    """``run()`` with the exits a scheduler and a user read: 143 after SIGTERM, 130 after SIGINT, 2 and one line for a
+    mistake a user can fix (``--debug``: the traceback)."""
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
+    if sigterm:
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run()
     except SIGTERMException:
-        sys.stderr.write("stopped by SIGTERM: resume with --ckpt_path last (finished stages are kept)\n")
+        sys.stderr.write("stopped by SIGTERM: rerun the same command to resume (fit: add --ckpt_path last); finished "
+                         "stages, checkpoints and feature shards are kept\n")
         sys.exit(SIGTERM_EXIT)
+    except KeyboardInterrupt:
+        sys.stderr.write("stopped by SIGINT: rerun the same command to resume (finished work is kept)\n")
+        sys.exit(SIGINT_EXIT)
+    except SystemExit as err:
+        if INTERRUPTED and err.code not in (0, None):  # Lightning's own exit after a KeyboardInterrupt
+            sys.stderr.write("stopped by SIGINT: rerun the same command to resume (finished work is kept)\n")
+            sys.exit(SIGINT_EXIT)
+        raise
     except Exception as err:  # the user's own mistakes print one line; anything else keeps its traceback
         problem = user_problem(err)
         if problem is None or debug():
             raise
         sys.stderr.write(f"error: {problem}\n")
         sys.exit(2)
+    finally:
+        INTERRUPTED.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

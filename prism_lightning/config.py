@@ -388,6 +388,8 @@ class ImportWarmupArgs:
     """The warmup folder to write (e.g. ``runs/mine/warmup``); the feature stage reads it."""
     base_model: str | None = None
     """The base model (default: the adapter config's ``base_model_name_or_path``)."""
+    force: bool = False
+    """Replace the checkpoints ``dest`` already holds (otherwise refused)."""
 
 
 @dataclass

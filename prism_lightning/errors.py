@@ -31,5 +31,12 @@ class NonFiniteError(ValueError):
     """NaN or Inf values where a number is needed (features, losses, scores); the message names the rows."""
 
 
+class WriteError(OSError):
+    """An output could not be written (a full disk, a read-only or unwritable folder); the message names the file."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 class LockedError(RuntimeError):
     """Another run holds the output folder's lock; the message names its pid and host."""

@@ -18,15 +18,26 @@ with decay, then without), and every moment's shape is checked against its param
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from prism_lightning.callbacks.adapter_checkpoint import adam_moments, write_reference_checkpoint
-from prism_lightning.errors import DataFormatError
+from prism_lightning.callbacks.adapter_checkpoint import (
+    RUN_FILE,
+    adam_moments,
+    claim_run_folder,
+    write_reference_checkpoint,
+)
+from prism_lightning.config import ModelArgs
+from prism_lightning.errors import DataFormatError, StageMismatchError
+from prism_lightning.io import read_json
+from prism_lightning.modeling import model_digest
+from prism_lightning.provenance import Manifest
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -57,8 +68,14 @@ def trainable_names(adapter_dir: Path, base_model: str | None = None) -> dict[st
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = False  # saved adapters say True, which would freeze the parameters being named
     base = base_model or config.base_model_name_or_path
+    try:
+        base_config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise DataFormatError(f"base model {base!r} (from {adapter_dir}/adapter_config.json, or --base_model) cannot "
+                              f"be read ({type(err).__name__}); give --base_model a local model folder or a cached "
+                              "hub id") from None
     with torch.device("meta"):
-        model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)), config)
+        model = get_peft_model(AutoModelForCausalLM.from_config(base_config), config)
     decay = set(Trainer.get_decay_parameter_names(None, model))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ordered = [(n, p) for n, p in params if n in decay] + [(n, p) for n, p in params if n not in decay]
@@ -67,7 +84,11 @@ def trainable_names(adapter_dir: Path, base_model: str | None = None) -> dict[st
 
 def hf_moments(optimizer_pt: Path, names: dict[str, torch.Size]) -> tuple[dict[str, torch.Tensor], dict]:
     """``{<name>.exp_avg, <name>.exp_avg_sq}`` from a saved AdamW state, and its first param group."""
-    state = torch.load(str(optimizer_pt), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(optimizer_pt), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file (EOF, unpickling, zip errors)
+        raise DataFormatError(f"{optimizer_pt} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                              "incomplete or damaged: save it again, or import without it") from None
     indices = [i for group in state["param_groups"] for i in group["params"]]
     if len(indices) != len(names):
         raise DataFormatError(f"{optimizer_pt}: the optimizer holds {len(indices)} parameters, the adapter has "
@@ -91,48 +112,92 @@ def _lora_info(adapter_dir: Path) -> dict:
             "target_modules": cfg.get("target_modules"), "enabled": True}
 
 
-def import_warmup(source: str, dest: str, base_model: str | None = None) -> list[Path]:
+def import_warmup(source: str, dest: str, base_model: str | None = None, force: bool = False) -> list[Path]:
     """Convert a Trainer run's ``checkpoint-*`` folders under ``source`` into ``dest/epoch-N/`` (N = 1, 2, ...).
+
+    All epochs or none: they are written into a temporary sibling of ``dest`` and put in place in one rename,
+    with a ``run.json`` naming the import as one warmup run. A ``dest`` holding checkpoints is refused unless
+    ``force``.
 
     Args:
         source: the Trainer's ``output_dir`` (or one checkpoint folder).
         dest: the warmup folder to write (e.g. ``runs/mine/warmup``); the feature stage reads it.
         base_model: the base model (default: the adapter config's ``base_model_name_or_path``).
+        force: replace the checkpoints ``dest`` holds.
     """
+    dest = Path(dest)
     folders = checkpoint_folders(source)
-    names = trainable_names(folders[0], base_model)
+    refuse_used(dest, force)
+    base = base_model or read_json(folders[0] / "adapter_config.json")["base_model_name_or_path"]
+    names = trainable_names(folders[0], base)
+    run = {"run_id": uuid.uuid4().hex, "imported_from": str(Path(source).resolve()),
+           "base_model": {"name_or_path": base, "sha256": model_digest(ModelArgs(name_or_path=base))}}
+    staging = dest.with_name(f".{dest.name}.importing-{os.getpid()}")
     previous, written = 0, []
-    for epoch, folder in enumerate(folders, start=1):
-        moments, group = hf_moments(folder / "optimizer.pt", names)
-        state = json.loads((folder / "trainer_state.json").read_text())
-        step = int(state["global_step"])
-        lrs = [e["learning_rate"] for e in state.get("log_history", [])
-               if "learning_rate" in e and previous < e.get("step", 0) <= step]
-        lr_mean = sum(lrs) / len(lrs) if lrs else float(group["lr"])
-        info = {"epoch": epoch, "lr_mean": lr_mean, "epoch_steps": step - previous, "global_step": step,
-                "model": {"name_or_path": base_model or json.loads((folder / "adapter_config.json").read_text())
-                          ["base_model_name_or_path"]}, "lora": _lora_info(folder),
-                "betas": list(group["betas"]), "eps": group["eps"], "imported_from": str(folder),
-                "lr_source": "logged" if lrs else "optimizer param group (no learning rate logged in the interval)"}
+    try:
+        for epoch, folder in enumerate(folders, start=1):
+            moments, group = hf_moments(folder / "optimizer.pt", names)
+            state = read_json(folder / "trainer_state.json")
+            step = int(state["global_step"])
+            lrs = [e["learning_rate"] for e in state.get("log_history", [])
+                   if "learning_rate" in e and previous < e.get("step", 0) <= step]
+            lr_mean = sum(lrs) / len(lrs) if lrs else float(group["lr"])
+            info = {"epoch": epoch, "lr_mean": lr_mean, "epoch_steps": step - previous, "global_step": step,
+                    "model": {"name_or_path": base}, "lora": _lora_info(folder),
+                    "betas": list(group["betas"]), "eps": group["eps"], "imported_from": str(folder),
+                    "lr_source": "logged" if lrs else "optimizer param group (no learning rate logged in the interval)",
+                    **{k: run[k] for k in ("run_id", "base_model")}}
 
-        def copy_adapter(tmp: Path, folder=folder) -> Path:
-            for name in ADAPTER_FILES:
-                shutil.copyfile(folder / name, tmp / name)
-            return tmp / "adapter_model.safetensors"
+            def copy_adapter(tmp: Path, folder=folder) -> Path:
+                for name in ADAPTER_FILES:
+                    shutil.copyfile(folder / name, tmp / name)
+                return tmp / "adapter_model.safetensors"
 
-        written.append(write_reference_checkpoint(Path(dest) / f"epoch-{epoch}", copy_adapter, moments, info))
-        previous = step
+            write_reference_checkpoint(staging / f"epoch-{epoch}", copy_adapter, moments, info)
+            written.append(dest / f"epoch-{epoch}")
+            previous = step
+        Manifest(staging / RUN_FILE, run).write()
+        refuse_used(dest, force)
+        if dest.exists():
+            trash = dest.with_name(f".{dest.name}.replaced-{os.getpid()}")
+            os.replace(dest, trash)
+            shutil.rmtree(trash)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def refuse_used(dest: Path, force: bool) -> None:
+    """A warmup folder that holds checkpoints is replaced only with ``force``."""
+    used = dest.exists() and (any(dest.glob("epoch-*")) or (dest / RUN_FILE).exists())
+    if used and not force:
+        raise StageMismatchError(f"{dest} already holds warmup checkpoints; the feature stage would mix them with "
+                                 "the imported ones: use another --dest, or --force true to replace them")
 
 
 class PrismReferenceCallback(TrainerCallback):
     """A ``transformers`` callback that writes ``<dest>/epoch-N/`` at the end of every epoch of a LoRA run
     (``Trainer``, TRL's ``SFTTrainer``): the adapter, AdamW's moments by parameter name, and the mean of the
-    epoch's per-step learning rates. Single process or DDP (the main process writes)."""
+    epoch's per-step learning rates. Single process or DDP (the main process writes). ``dest`` becomes this run's
+    (``run.json``); one holding another run's checkpoints is refused unless ``force``."""
 
-    def __init__(self, dest: str | Path):
-        self.dest = Path(dest)
+    def __init__(self, dest: str | Path, force: bool = False):
+        self.dest, self.force = Path(dest), force
+        self.run: dict | None = None
         self._lrs: list[float] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:  # only the main process writes checkpoints
+            return
+        record = Manifest.read(self.dest / RUN_FILE)
+        if state.global_step > 0 and record is not None:  # a resumed run continues its own folder
+            self.run = {k: record[k] for k in ("run_id", "base_model")}
+            return
+        base = model.peft_config["default"].base_model_name_or_path
+        self.run = {"run_id": uuid.uuid4().hex,
+                    "base_model": {"name_or_path": base, "sha256": model_digest(ModelArgs(name_or_path=base))}}
+        claim_run_folder(self.dest, self.run, self.force)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._lrs = []
@@ -152,7 +217,7 @@ class PrismReferenceCallback(TrainerCallback):
                 "lora": {"r": model.peft_config["default"].r, "alpha": model.peft_config["default"].lora_alpha,
                          "dropout": model.peft_config["default"].lora_dropout, "enabled": True,
                          "target_modules": sorted(model.peft_config["default"].target_modules)},
-                "betas": list(group["betas"]), "eps": group["eps"]}
+                "betas": list(group["betas"]), "eps": group["eps"], **self.run}
 
         def save_adapter(tmp: Path) -> Path:
             model.save_pretrained(str(tmp))
@@ -167,7 +232,7 @@ def main(args: list[str] | None = None) -> list[Path]:
     from prism_lightning.config import ImportWarmupArgs
 
     settings = parse_settings(ImportWarmupArgs, args, "import-warmup", ImportWarmupArgs.__doc__)
-    written = import_warmup(settings.source, settings.dest, settings.base_model)
+    written = import_warmup(settings.source, settings.dest, settings.base_model, settings.force)
     for folder in written:
         print(f"wrote {folder}")
     return written

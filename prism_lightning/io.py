@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prism_lightning.errors import LockedError, StoreCorruptError
+from prism_lightning.errors import LockedError, StoreCorruptError, WriteError
 
 
 def _umask() -> int:
@@ -36,10 +37,14 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def _named(err: OSError, path: Path) -> OSError:
     """A write failure (disk full, read-only, no permission) re-raised with the path it failed on."""
-    if err.errno not in WRITE_ERRORS:
+    if err.errno not in WRITE_ERRORS or isinstance(err, WriteError):
         return err
-    return OSError(err.errno, f"cannot write {path}: {err.strerror or err}; check that the folder is writable "
-                              "and the disk has space")
+    return write_error(path, err.strerror or str(err), err.errno)
+
+
+def write_error(path: Path, why: str, code: int = errno.EIO) -> WriteError:
+    """The one message of a failed write: the file, why, and what to check."""
+    return WriteError(code, f"cannot write {path}: {why}; check that the folder is writable and the disk has space")
 
 
 def _settle(path: Path) -> None:
@@ -157,13 +162,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+TEMPORARY = re.compile(r"^\..+\.(tmp|importing|replaced)-(\d+)$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders (``.<name>.tmp-<pid>``) another process left under ``folder``: a run
+    killed before it could clean up (kill -9, a lost node). Only called while holding ``folder``'s lock, so none
+    of them belongs to a live run."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        m = TEMPORARY.match(path.name)
+        if m and int(m.group(2)) != os.getpid() and path.exists():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
 def run_lock(folder: str | Path) -> Iterator[Path]:
     """Hold ``<folder>/.prism-lock`` while a run writes to ``folder``; a second run is refused.
 
     The lock records the holder's pid, host and command. A lock left by a process that no longer runs
     on this host is taken over; one held on another host (shared storage) is never broken: delete the
-    file by hand if that run is gone. Creating the lock also proves the folder is writable.
+    file by hand if that run is gone. Creating the lock also proves the folder is writable. Once it is
+    held, temporaries left by killed runs are removed (``remove_stale_temporaries``).
     """
     folder = Path(folder)
     path = folder / LOCK_NAME
@@ -190,6 +212,7 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
             raise LockedError(f"{path}: could not take the lock")
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
+        remove_stale_temporaries(folder)
     except OSError as err:
         named = _named(err, path)
         if named is err:

@@ -34,6 +34,54 @@ def model_source(name: str) -> str:
     return str(path) if looks_local else name
 
 
+def _model_file(source: str, name: str) -> Path | None:
+    """A file of a model folder or of a hub model's local cache (None when it has no such file)."""
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return path if path.exists() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, name)
+    return Path(found) if isinstance(found, str) else None
+
+
+FULL_HASH_BYTES = 1 << 30  # weights up to this size are hashed whole
+
+
+def model_digest(model: ModelArgs) -> str:
+    """sha256 of what identifies a base model: ``config.json`` and its weights, hashed whole up to 1 GiB; larger
+    models by their index (``model.safetensors.index.json``, else each ``*.safetensors`` file's header: names,
+    dtypes, shapes, offsets), so that two large models of one architecture whose weights differ only in value
+    are told apart by ``name_or_path``, not by this digest."""
+    import hashlib
+
+    source = model_source(model.name_or_path)
+    h = hashlib.sha256()
+    config = _model_file(source, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"model.name_or_path={model.name_or_path!r}: no config.json there (or in the hub "
+                                "cache); give a local model folder or a cached hub id")
+    h.update(config.read_bytes())
+    index = _model_file(source, "model.safetensors.index.json")
+    files = [index] if index is not None else [f for f in [_model_file(source, "model.safetensors")] if f]
+    for f in files:
+        with open(f, "rb") as fh:
+            if f.suffix == ".json" or f.stat().st_size <= FULL_HASH_BYTES:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(int.from_bytes(fh.read(8), "little")))
+        h.update(f.name.encode())
+    return h.hexdigest()
+
+
+def base_model_identity(model: ModelArgs, precision: str | None = None) -> dict:
+    """What decides a base model's numbers: which model (path and ``model_digest``), its quantization, dtype and
+    attention implementation, and the trainer's precision."""
+    return {"name_or_path": model.name_or_path, "sha256": model_digest(model), "quantization": model.quantization,
+            "dtype": model.dtype, "attn_implementation": model.attn_implementation, "precision": precision}
+
+
 def load_tokenizer(model: ModelArgs):
     """``AutoTokenizer`` for the model, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer

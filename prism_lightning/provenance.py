@@ -22,7 +22,7 @@ def plain_json(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _short(value, limit: int = 70) -> str:
+def _short(value, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 

@@ -7,6 +7,7 @@ standard deviation of the per-seed difference and the number of seeds on which a
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import platform
@@ -227,7 +228,8 @@ def _experiment_md(name: str, s: dict) -> list[str]:
 
 
 def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A markdown table cell: HTML escaped (a viewer renders raw HTML), pipes escaped, one line."""
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
 
 
 def _explained_md(name: str, s: dict) -> list[str]:

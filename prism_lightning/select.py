@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,7 +52,7 @@ from prism_lightning.influence.scoring import (
     reduce_groups,
 )
 from prism_lightning.influence.selection import budget, choose, rank_order, ranks
-from prism_lightning.io import atomic_file, atomic_folder, atomic_write_text, file_sha256, json_digest
+from prism_lightning.io import atomic_file, atomic_folder, atomic_write_text, file_sha256, json_digest, run_lock
 from prism_lightning.provenance import Manifest
 from prism_lightning.ranks import Ranks, blocks
 from prism_lightning.store.feature_store import FeatureStore
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from prism_lightning.context import StageContext
 
 # What every store scored together must share (pool with target stores: the first four).
-SCORING_KEYS = ("model", "projection", "normalize", "dim")
+SCORING_KEYS = ("model", "base_model", "projection", "normalize", "dim")
 POOL_KEYS = (*SCORING_KEYS, "preconditioner", "damping", "source_sha256", "tokenization", "shard_size", "rows")
 # Selection settings that change no result (how it is computed, what else is written).
 NOT_IDENTITY = ("verify", "plots", "chunk_rows", "explain", "explain_pairs")
@@ -408,22 +408,25 @@ def training_rows(sel: DataSelection, pool: PoolIndex, targets: list[PairRow], r
 # ----- the select command ----------------------------------------------------------------------------------
 def select_command(cmd: SelectArgs) -> dict:
     """``python -m prism_lightning select``: the stores' settings, the pool and targets they were made from (or
-    the ones given, checked), every mode scored and written. Runs on one process or under ``torchrun``."""
+    the ones given, checked), every mode scored and written. Runs on one process or under ``torchrun``; rank 0
+    holds the output folder's lock from the start (a second run into it is refused before any work)."""
     ranks = Ranks.current()
-    grad = any(m in GRADIENT_MODES for m in cmd.modes)
-    stores = feature_stores(cmd.features, cmd.selection.epochs, need_target=grad)
-    made = stores_settings(stores)
-    cols = cmd.columns or Columns(**(made.get("columns") or {}))
-    pool_source = cmd.pool or _recorded_source(made.get("source"), stores[0][1].folder, "pool")
-    pool = PoolIndex.scan(pool_source, cols, cmd.selection.label)
-    targets = []
-    if grad:
-        tmade = stores[0][2].manifest
-        targets = load_pairs(cmd.target or _recorded_source(tmade.get("source"), stores[0][2].folder, "target"), cols)
-    explicit = explicit_settings(cmd.model, cmd.projection, cmd.pool_preconditioner, cmd.damping)
     out = Path(cmd.output_dir) if cmd.output_dir else Path(cmd.features).parent / "selection"
-    summary = run_selection(cmd.features, out, list(cmd.modes), cmd.selection, pool, targets, explicit=explicit,
-                            force=cmd.force, ranks=ranks)
+    with run_lock(out) if ranks.is_zero else nullcontext():
+        grad = any(m in GRADIENT_MODES for m in cmd.modes)
+        stores = feature_stores(cmd.features, cmd.selection.epochs, need_target=grad)
+        made = stores_settings(stores)
+        cols = cmd.columns or Columns(**(made.get("columns") or {}))
+        pool_source = cmd.pool or _recorded_source(made.get("source"), stores[0][1].folder, "pool")
+        pool = PoolIndex.scan(pool_source, cols, cmd.selection.label)
+        targets = []
+        if grad:
+            tmade = stores[0][2].manifest
+            targets = load_pairs(cmd.target or _recorded_source(tmade.get("source"), stores[0][2].folder, "target"),
+                                 cols)
+        explicit = explicit_settings(cmd.model, cmd.projection, cmd.pool_preconditioner, cmd.damping)
+        summary = run_selection(cmd.features, out, list(cmd.modes), cmd.selection, pool, targets,
+                                explicit=explicit, force=cmd.force, ranks=ranks)
     if ranks.is_zero:
         for mode in cmd.modes:
             print(f"{mode}: {summary[mode]['selected_rows']} rows -> {summary[mode]['dir']}/selected.jsonl")

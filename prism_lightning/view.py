@@ -86,6 +86,16 @@ HEAD = [("rank", "rank"), ("id", "row"), ("subtask", "skill"), ("label", "label"
         (None, "all parts")]
 
 
+def script_json(obj) -> str:
+    """JSON to embed in a ``<script>`` block: no ``<``, ``>``, ``&`` or line separators (U+2028/2029) stay raw,
+    so no text in the data (``</script>``, ``<!--``) can end the block or change how the page parses."""
+    text = json.dumps(obj)
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                         ("\u2029", "\\u2029")):
+        text = text.replace(raw, escaped)
+    return text
+
+
 def _e(text) -> str:
     return html.escape(str(text))
 
@@ -186,7 +196,7 @@ def write_html(root: str | Path, report: dict) -> Path:
             cells = "".join(f'<td class="num">{fmt_stat(pair, seeds)}</td>' for pair, seeds in stats)
             body.append(f"<tr><td>{_e(mode)}</td>{cells}</tr>")
         body.append("</tbody></table>")
-    payload = json.dumps({"explain": data}).replace("</", "<\\/")
+    payload = script_json({"explain": data})
     page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>prism_lightning report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}"
             f'<script type="application/json" id="prism-data">{payload}</script><script>{SCRIPT}</script>'

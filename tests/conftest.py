@@ -72,7 +72,7 @@ def small_data(tmp_path_factory, demo_data) -> dict[str, Path]:
     return out
 
 
-def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, **lora) -> Path:
+def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, force: bool = False, **lora) -> Path:
     """Train a tiny LoRA warmup in-process (no CLI) and return the run root."""
     import lightning as L
 
@@ -84,7 +84,7 @@ def warmup_run(root: Path, data: dict[str, Path], epochs: int = 2, **lora) -> Pa
     dm = PrismDataModule(tokenizer=TINY_MODEL, pool=str(data["pool"]), target=str(data["target_pairs"]), eval_sft=None,
                          eval_pairs=None, train_on="pool", batch_size=8, max_length=64)
     module = WarmupModule(model=ModelArgs(), lora=LoraArgs(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)),
-                          optim=OptimArgs(lr=2e-3), output_dir=str(root))
+                          optim=OptimArgs(lr=2e-3), output_dir=str(root), force=force)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
@@ -137,3 +137,36 @@ def run_processes(commands: list[tuple[list[str], dict]], timeout: int = 600) ->
             out = log.read()
             log.close()
             assert p.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory, small_data):
+    """Two epochs of LoRA SFT on the tiny model with transformers.Trainer; the callback writes epoch-N/ as it goes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from prism_lightning.data import PrismDataModule
+    from prism_lightning.data.tokenize import pad_batch
+    from prism_lightning.hf_warmup import PrismReferenceCallback
+
+    root = tmp_path_factory.mktemp("hf")
+    dm = PrismDataModule(tokenizer=TINY_MODEL,
+                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None, max_length=64)
+    dm.load()
+    rows = [{"input_ids": e.input_ids, "prompt_len": e.prompt_len} for e in dm.pool_encoded]
+
+    def collate(items):
+        from prism_lightning.data.tokenize import Encoded
+
+        batch = pad_batch([Encoded(i["input_ids"], i["prompt_len"]) for i in items], dm.tok.pad_token_id)
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY_MODEL),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(root / "hf"), num_train_epochs=2, per_device_train_batch_size=8,
+                             learning_rate=2e-3, logging_steps=1, save_strategy="epoch", report_to=[], use_cpu=True,
+                             remove_unused_columns=False, seed=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+            callbacks=[PrismReferenceCallback(root / "callback")]).train()
+    return root

@@ -35,7 +35,7 @@ from prism_lightning.errors import (
     StoreCorruptError,
     StoreMismatchError,
 )
-from prism_lightning.io import atomic_file, run_lock
+from prism_lightning.io import run_lock
 from prism_lightning.select import run_selection
 from prism_lightning.store.feature_store import record_path, shard_path, write_shard
 
@@ -340,52 +340,6 @@ def test_a_second_run_into_a_folder_is_refused(tmp_path):
     with run_lock(tmp_path) as path:  # the holder is gone: its stale lock is taken over
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not (tmp_path / ".prism-lock").exists()
-
-
-@pytest.mark.slow
-def test_concurrent_cli_runs_into_one_folder(tmp_path, monkeypatch):
-    """While one `select` holds the folder, a second is refused with the holder's pid; nothing is written."""
-    monkeypatch.delenv("PRISM_DEBUG", raising=False)
-    (tmp_path / ".prism-lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
-                                                       "started": "now", "command": "other run"}))
-    with pytest.raises(SystemExit) as stop:
-        main(["select", "--config", "configs/tiny/select.yaml", "--model.init_args.output_dir", str(tmp_path)])
-    assert stop.value.code == 2 and not (tmp_path / "selection").exists()
-
-
-@pytest.mark.slow
-def test_read_only_output_folder_is_named_before_compute(tmp_path, monkeypatch):
-    """The lock is the first write of every run: a folder that refuses it is named before any compute."""
-    import errno
-
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-
-    monkeypatch.setattr("prism_lightning.io.os.open", refuse)  # as a read-only folder answers (root ignores chmod)
-    with pytest.raises(OSError, match=rf"cannot write {tmp_path / '.prism-lock'}: Permission denied"), \
-            run_lock(tmp_path):
-        pass
-
-
-def test_write_failures_name_the_file(tmp_path, monkeypatch):
-    """A full disk (ENOSPC) or a read-only file system while writing: the error names the file."""
-    import errno
-
-    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'out.json'}: No space left"), \
-            atomic_file(tmp_path / "out.json") as tmp:
-        tmp.write_text("x")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    assert not list(tmp_path.iterdir())  # no partial or temporary file left
-
-
-@pytest.mark.slow
-def test_outputs_are_readable_by_the_group(store):
-    """No 0600 file (safetensors creates them so) in stores, adapters and selections: the umask decides."""
-    root, dm = store
-    _select(root, dm)
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert files and all(p.stat().st_mode & 0o044 == 0o044 for p in files), \
-        [p for p in files if p.stat().st_mode & 0o044 != 0o044][:3]
 
 
 @pytest.mark.slow

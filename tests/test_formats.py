@@ -117,7 +117,8 @@ def test_label_masking_covers_response_and_eos_only(tok):
 def test_truncation_left_warns_once_and_error_refuses(tok):
     enc = Encoder(tok, max_length=8)
     long_prompt = "Reverse " + "abcd " * 10
-    with pytest.warns(UserWarning, match="2 rows longer than max_length=8"):
+    with pytest.warns(UserWarning, match=r"2 rows longer than max_length=8 had their prompt cut from the left to fit "
+                                         r"\(answers are kept whole\)"):
         a = enc.encode(long_prompt, "dcba", "f: row 1")
         enc.encode(long_prompt, "dcba", "f: row 2")
         enc.warn_truncated("f")
@@ -125,6 +126,8 @@ def test_truncation_left_warns_once_and_error_refuses(tok):
     assert a.input_ids[a.prompt_len:] == tok("dcba", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     with pytest.raises(DataFormatError, match=r"f: row 3: \d+ tokens exceed max_length=8"):
         Encoder(tok, max_length=8, truncation="error").encode(long_prompt, "dcba", "f: row 3")
+    with pytest.raises(DataFormatError, match=r"f: row 4: the answer alone is \d+ tokens, more than max_length=8"):
+        enc.encode("q", "a much longer answer than eight tokens", "f: row 4")  # never cut: refused
 
 
 def test_chat_template_renders_messages(tok):

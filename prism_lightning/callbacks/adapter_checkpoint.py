@@ -7,13 +7,23 @@ Layout of ``<output_dir>/<subdir>/epoch-N/`` (N = 1, 2, ...):
 - ``optimizer.safetensors``: ``<param name>.exp_avg`` and ``<param name>.exp_avg_sq`` (AdamW's m and
   v) for every trainable parameter, names as in ``model.named_parameters()``.
 - ``checkpoint.json``: epoch, ``lr_mean`` (mean LR over the epoch's steps), steps, model id,
-  LoRA settings, Adam betas/eps, and the adapter's sha256 (written last: its presence marks a
-  complete checkpoint). The folder is written under a temporary name and renamed into place.
+  LoRA settings, Adam betas/eps, the warmup run's id and base model, and the sha256 of the adapter
+  and optimizer files (written last: its presence marks a complete checkpoint). The folder is
+  written under a temporary name and renamed into place.
+
+``<output_dir>/<subdir>/run.json`` names the one warmup run whose checkpoints the folder holds (its
+id and base model): a new run into a folder holding another run's checkpoints is refused, or with
+``force`` the old folder is replaced in one rename; a resumed run keeps its id (callback state).
+Readers check every file against ``checkpoint.json`` by content (``check_checkpoint``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,9 +32,13 @@ import torch
 from safetensors.torch import save_file
 
 from prism_lightning import __version__
+from prism_lightning.errors import StageMismatchError, StoreCorruptError
 from prism_lightning.io import atomic_folder, file_sha256
-from prism_lightning.modeling import trainable_named_parameters
+from prism_lightning.modeling import model_digest, trainable_named_parameters
+from prism_lightning.provenance import Manifest
 from prism_lightning.sharding import full_tensor, gather_trainable
+
+RUN_FILE = "run.json"
 
 
 def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
@@ -73,20 +87,77 @@ def write_reference_checkpoint(folder: Path, write_weights, moments: dict[str, t
     atomically."""
     with atomic_folder(folder) as tmp:
         path = write_weights(tmp)
+        info = dict(info, adapter_file=path.name, adapter_sha256=file_sha256(path), package_version=__version__)
         if moments:
             save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
-        info = dict(info, adapter_sha256=file_sha256(path), package_version=__version__)
+            info["optimizer_sha256"] = file_sha256(tmp / "optimizer.safetensors")
         (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2))
     return Path(folder)
 
 
-class ReferenceCheckpoint(L.Callback):
-    """Saves ``<output_dir>/<subdir>/epoch-N/`` at the end of every training epoch (rank 0)."""
+def check_checkpoint(folder: Path, info: dict) -> None:
+    """The adapter and optimizer files of a checkpoint are the ones its ``checkpoint.json`` records (sha256
+    computed here)."""
+    files = {info.get("adapter_file", "adapter_model.safetensors"): info.get("adapter_sha256"),
+             "optimizer.safetensors": info.get("optimizer_sha256")}
+    for name, digest in files.items():
+        if digest is None:
+            continue
+        path = Path(folder) / name
+        if not path.exists() or file_sha256(path) != digest:
+            raise StoreCorruptError(f"{path} is missing or altered (its sha256 differs from {folder}/checkpoint.json); "
+                                    "rerun the warmup (or import-warmup) that wrote it")
 
-    def __init__(self, subdir: str = "warmup"):
-        self.subdir = subdir
+
+def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
+    """Make ``folder`` the warmup run ``run``'s (``run_id``, ``base_model``): a folder holding another run's
+    checkpoints is refused, or with ``force`` replaced in one rename (the old one is then deleted)."""
+    folder = Path(folder)
+    record = Manifest.read(folder / RUN_FILE)
+    if record is not None and record.get("run_id") == run["run_id"]:
+        return  # this run, resumed
+    old = sorted(p.name for p in folder.glob("epoch-*")) if folder.exists() else []
+    if record is not None or old:
+        if not force:
+            what = f"run {record.get('run_id')}" if record is not None else "an earlier run"
+            raise StageMismatchError(f"{folder} holds the checkpoints of another warmup ({what}: "
+                                     f"{', '.join(old) or 'no epochs yet'}); the feature stage would mix them with "
+                                     "this run's: use another output_dir, or force: true to replace them")
+        trash = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+        os.replace(folder, trash)
+        shutil.rmtree(trash)
+    folder.mkdir(parents=True, exist_ok=True)
+    Manifest(folder / RUN_FILE, dict(run, started=time.strftime("%Y-%m-%d %H:%M:%S"))).write()
+
+
+class ReferenceCheckpoint(L.Callback):
+    """Saves ``<output_dir>/<subdir>/epoch-N/`` at the end of every training epoch (rank 0).
+
+    ``force``: replace a folder holding another warmup run's checkpoints (otherwise refused at fit start).
+    """
+
+    def __init__(self, subdir: str = "warmup", force: bool = False):
+        self.subdir, self.force = subdir, force
+        self.run: dict | None = None
         self._lr_sum = 0.0
         self._lr_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"run": self.run}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run = state.get("run")  # a resumed run keeps its id
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.fast_dev_run:
+            return
+        if self.run is None:
+            run = {"run_id": uuid.uuid4().hex, "base_model": {"name_or_path": pl_module.model_args.name_or_path,
+                                                             "sha256": model_digest(pl_module.model_args)}}
+            self.run = trainer.strategy.broadcast(run, src=0)
+        if trainer.is_global_zero:
+            claim_run_folder(Path(pl_module.output_dir) / self.subdir, self.run, self.force)
+        trainer.strategy.barrier("warmup-run-folder")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
         self._lr_sum, self._lr_steps = 0.0, 0
@@ -103,7 +174,7 @@ class ReferenceCheckpoint(L.Callback):
         info = {"epoch": epoch, "lr_mean": self._lr_sum / max(1, self._lr_steps),
                 "epoch_steps": self._lr_steps, "global_step": trainer.global_step,
                 "model": asdict(pl_module.model_args), "lora": asdict(pl_module.lora_args),
-                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
+                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"], **self.run}
         folder = Path(pl_module.output_dir) / self.subdir / f"epoch-{epoch}"
         save_reference_checkpoint(pl_module, opt, folder, info, write=trainer.is_global_zero)
         trainer.strategy.barrier("reference-checkpoint")

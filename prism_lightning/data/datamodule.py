@@ -94,6 +94,14 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
         self.eval_pair_encoded = ((self._encode(self.eval_pair_rows, "chosen", self.eval_pairs),
                                    self._encode(self.eval_pair_rows, "rejected", self.eval_pairs))
                                   if self.eval_pairs else ([], []))
+        for rows, (chosen, rejected), source in ((self.target_rows, self.target_encoded, self.target),
+                                                  (self.eval_pair_rows, self.eval_pair_encoded, self.eval_pairs)):
+            same = next((i for i in range(len(rows)) if chosen[i].input_ids == rejected[i].input_ids), None)
+            if same is not None:
+                raise DataFormatError(f"{source}: row {same + 1} (id {rows[same].id}): chosen and rejected are the "
+                                      f"same {len(chosen[same].input_ids)} tokens once tokenized with max_length="
+                                      f"{self.max_length}; the pair contrasts nothing: raise data.max_length or fix "
+                                      "the pair")
         self._ready = True
 
     def prepare_data(self) -> None:

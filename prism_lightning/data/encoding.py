@@ -18,17 +18,23 @@ from pathlib import Path
 
 from prism_lightning import __version__
 from prism_lightning.data.formats import PairRow, SFTRow, rows_digest
-from prism_lightning.data.tokenize import Encoded, Encoder
+from prism_lightning.data.tokenize import Encoded, Encoder, truncation_warning
+from prism_lightning.errors import SettingsError
 from prism_lightning.io import json_digest
 
 
 def cache_root(folder: str | None = None) -> Path:
-    """``folder``, else ``$PRISM_CACHE``, else ``$XDG_CACHE_HOME/prism_lightning`` (``~/.cache``)."""
+    """``folder``, else ``$PRISM_CACHE``, else ``$XDG_CACHE_HOME/prism_lightning`` (``~/.cache``); refused when it
+    exists and is not a folder."""
     if folder:
-        return Path(folder)
-    if os.environ.get("PRISM_CACHE"):
-        return Path(os.environ["PRISM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prism_lightning"
+        root, what = Path(folder), "data.cache_dir"
+    elif os.environ.get("PRISM_CACHE"):
+        root, what = Path(os.environ["PRISM_CACHE"]), "PRISM_CACHE"
+    else:
+        root, what = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prism_lightning", "the cache"
+    if root.exists() and not root.is_dir():
+        raise SettingsError(f"{what}={root} is not a folder; point it at a folder for the tokenization cache")
+    return root
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -103,6 +109,5 @@ def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_le
                        new_fingerprint=digest, desc=f"tokenizing {side}s")
     truncated = sum(table["truncated"])
     if truncated:
-        warnings.warn(f"{where}: {truncated} rows longer than max_length={max_length} were truncated from the left "
-                      "of the prompt", stacklevel=2)
+        warnings.warn(truncation_warning(str(where), truncated, max_length), stacklevel=2)
     return EncodedRows(table.select_columns(["input_ids", "prompt_len"])), digest

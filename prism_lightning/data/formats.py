@@ -105,7 +105,7 @@ def _csv(path: Path) -> list[dict]:
     header, rows = None, []
     for _ in _lines(path):  # the encoding first, naming a bad line
         pass
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the first column
         reader = csv.DictReader(fh)
         header = reader.fieldnames
         try:
@@ -194,16 +194,77 @@ def read_records(path: str | Path | DatasetSpec | dict) -> list[dict]:
     return rows
 
 
-def _text_or_messages(value, path, i: int, name: str):
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text(value, path, i: int, name: str) -> str:
+    """A non-empty string, else a one-line error naming the file, row and field."""
+    if isinstance(value, str) and value.strip():
+        return value
     if isinstance(value, str):
-        if not value.strip():
-            raise DataFormatError(f"{path}: row {i + 1}: field {name!r} is empty; give it a non-empty text")
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        return value
+        raise DataFormatError(f"{path}: row {i + 1}: field {name!r} is empty; give it a non-empty text")
     kind = "NaN" if isinstance(value, float) and value != value else type(value).__name__
+    raise DataFormatError(f"{path}: row {i + 1}: field {name!r} must be a non-empty string, got {kind} "
+                          f"({value!r:.40})")
+
+
+def _messages(value: list, path, i: int, name: str) -> list[dict]:
+    """A chat: ``{role, content}`` messages, each role known and each content a non-empty string."""
+    for j, m in enumerate(value):
+        where = f"{name}[{j}]"
+        if not isinstance(m, dict) or "content" not in m:
+            raise DataFormatError(f"{path}: row {i + 1}: field {where!r} must be a {{role, content}} message, got "
+                                  f"{m!r:.60}")
+        if m.get("role") not in ROLES:
+            raise DataFormatError(f"{path}: row {i + 1}: field {where + '.role'!r} is {m.get('role')!r}; use one of "
+                                  f"{', '.join(ROLES)}")
+        _text(m["content"], path, i, f"{where}.content")
+    return value
+
+
+def _text_or_messages(value, path, i: int, name: str):
+    if isinstance(value, list) and value:
+        return _messages(value, path, i, name)
+    if isinstance(value, str) or value is None or isinstance(value, float):
+        return _text(value, path, i, name)
     raise DataFormatError(f"{path}: row {i + 1}: field {name!r} must be a non-empty string or a list of "
-                          f"{{role, content}} messages, got {kind} ({value!r:.40})")
+                          f"{{role, content}} messages, got {type(value).__name__} ({value!r:.40})")
+
+
+def _ends_with_answer(msgs: list[dict], path, i: int, name: str) -> list[dict]:
+    if msgs[-1].get("role") != "assistant":
+        raise DataFormatError(f"{path}: row {i + 1}: field {name!r} must end with an assistant message (the "
+                              f"response), not a {msgs[-1].get('role')!r} one")
+    return msgs
+
+
+def _key(value, path, i: int, name: str, default: str) -> str:
+    """An id or subtask as a string: text or an integer (converted), ``default`` when absent; others refused."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataFormatError(f"{path}: row {i + 1}: field {name!r} must be a string or an integer, got "
+                          f"{type(value).__name__} ({value!r:.40})")
+
+
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_label(value, path, i: int, name: str) -> bool | None:
+    """A ground-truth boolean: true/false, 1/0, yes/no (any case, as text or JSON), None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+        return value.strip().lower() in TRUE
+    raise DataFormatError(f"{path}: row {i + 1}: field {name!r} is {value!r:.40}; a label must be true/false, 1/0 "
+                          "or yes/no")
 
 
 def _require(row: dict, key: str, path, i: int, hint: str):
@@ -223,15 +284,19 @@ def _ids_unique(ids: list[str], path) -> None:
 
 def sft_row(row: dict, i: int, path: str | Path, cols: Columns = DEFAULT_COLUMNS) -> SFTRow:
     """Validate one SFT record (prompt/completion, messages or text); ``i`` is its 0-based row number."""
-    rid = str(row[cols.id]) if row.get(cols.id) is not None else str(i)
-    sub = str(row.get(cols.subtask) or "all")
+    rid = _key(row.get(cols.id), path, i, cols.id, str(i))
+    sub = _key(row.get(cols.subtask), path, i, cols.subtask, "all")
     known = {cols.id, cols.prompt, cols.completion, cols.messages, cols.text, cols.subtask}
     extra = {k: v for k, v in row.items() if k not in known}
     if row.get(cols.messages) is not None:
         msgs = _text_or_messages(row[cols.messages], path, i, cols.messages)
-        if isinstance(msgs, str) or msgs[-1].get("role") != "assistant":
-            raise DataFormatError(f"{path}: row {i + 1}: field {cols.messages!r} must end with an "
-                                  "assistant message (the response to learn)")
+        if isinstance(msgs, str):
+            raise DataFormatError(f"{path}: row {i + 1}: field {cols.messages!r} must be a list of {{role, content}} "
+                                  "messages, the last the assistant's response")
+        _ends_with_answer(msgs, path, i, cols.messages)
+        if len(msgs) < 2:
+            raise DataFormatError(f"{path}: row {i + 1}: field {cols.messages!r} holds only the answer; give the "
+                                  "messages it answers before it")
         return SFTRow(rid, msgs[:-1], msgs[-1]["content"], sub, extra)
     if row.get(cols.prompt) is not None or row.get(cols.completion) is not None:
         hint = (f"SFT rows need {cols.prompt!r} and {cols.completion!r} (or {cols.messages!r}, or "
@@ -279,9 +344,12 @@ def parse_pairs(records: list[dict], path: str | Path, cols: Columns = DEFAULT_C
     hint = (f"preference pairs need {cols.prompt!r}, {cols.chosen!r} and {cols.rejected!r}; "
             "rename columns with data.columns")
     for i, row in enumerate(records):
-        rid = str(row[cols.id]) if row.get(cols.id) is not None else str(i)
+        rid = _key(row.get(cols.id), path, i, cols.id, str(i))
         chosen = _text_or_messages(_require(row, cols.chosen, path, i, hint), path, i, cols.chosen)
         rejected = _text_or_messages(_require(row, cols.rejected, path, i, hint), path, i, cols.rejected)
+        for name, value in ((cols.chosen, chosen), (cols.rejected, rejected)):
+            if isinstance(value, list):
+                _ends_with_answer(value, path, i, name)
         if isinstance(chosen, list) and row.get(cols.prompt) is None:
             prompt = chosen[:-1]
         else:
@@ -289,8 +357,11 @@ def parse_pairs(records: list[dict], path: str | Path, cols: Columns = DEFAULT_C
         if _answer(chosen).strip() == _answer(rejected).strip():
             raise DataFormatError(f"{path}: row {i + 1}: {cols.chosen!r} equals {cols.rejected!r}; a pair "
                                   "must contrast two different responses (drop or fix the row)")
+        if isinstance(prompt, list) and prompt and prompt[-1].get("role") == "assistant":
+            raise DataFormatError(f"{path}: row {i + 1}: field {cols.prompt!r} ends with an assistant message; "
+                                  "the prompt is what the model answers (end it with a user turn)")
         out.append(PairRow(rid, prompt, _answer(chosen), _answer(rejected),
-                           str(row.get(cols.subtask) or "all")))
+                           _key(row.get(cols.subtask), path, i, cols.subtask, "all")))
     _ids_unique([r.id for r in out], path)
     return out
 
@@ -366,7 +437,7 @@ class PoolIndex:
             codes.append(names.setdefault(row.subtask, len(names)))
             hashes.append(int.from_bytes(hashlib.blake2b(row.id.encode(), digest_size=8).digest(), "little",
                                          signed=True))
-            value = row.extra.get(label) if label else None
+            value = parse_label(row.extra.get(label), path, i, label) if label else None
             missing_label = missing_label or value is None
             labels.append(bool(value))
             n = i + 1

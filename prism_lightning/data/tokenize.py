@@ -5,8 +5,9 @@ of messages) is rendered as TRL's SFT renders a conversational prompt-completion
 of ``prompt + [assistant response]``, with the loss on what follows the template of the prompt with
 its generation prompt (so the answer and the template's end-of-turn tokens are learned, and the
 template's own BOS is the only one). Labels are ``-100`` off the response. Evaluation prompts are
-tokenized by the same ``prompt_ids``. Over-long rows are cut from the left of the prompt
-(``truncation: left``, one summary warning) or refused (``truncation: error``).
+tokenized by the same ``prompt_ids``. Over-long rows have their prompt cut from the left
+(``truncation: left``, one summary warning) or are refused (``truncation: error``); an answer longer
+than ``max_length`` by itself is refused either way.
 """
 
 from __future__ import annotations
@@ -73,28 +74,39 @@ class Encoder:
         self.truncated = 0
 
     def encode(self, prompt, response: str, where: str) -> Encoded:
-        """Ids for one row; ``where`` names the row in errors (``file: row N``)."""
+        """Ids for one row; ``where`` names the row in errors (``file: row N``).
+
+        A row over ``max_length`` has its prompt cut from the left (``truncation: left``) or is refused
+        (``error``); an answer that alone exceeds ``max_length`` is always refused, never cut.
+        """
         p_ids = prompt_ids(self.tok, prompt)
         r_ids = _response_ids(self.tok, prompt, response, p_ids, self.append_eos, where)
+        if not r_ids:
+            raise DataFormatError(f"{where}: the response encodes to no tokens")
+        if len(r_ids) > self.max_length:
+            raise DataFormatError(f"{where}: the answer alone is {len(r_ids)} tokens, more than max_length="
+                                  f"{self.max_length}: cutting it would teach (and score) a wrong ending; raise "
+                                  "data.max_length, or shorten or drop the row")
         total = len(p_ids) + len(r_ids)
         if total > self.max_length:
             if self.truncation == "error":
                 raise DataFormatError(f"{where}: {total} tokens exceed max_length={self.max_length}; raise "
                                       "data.max_length or set data.truncation: left")
             self.truncated += 1
-            keep = max(self.max_length - len(r_ids), 0)
+            keep = self.max_length - len(r_ids)
             p_ids = p_ids[len(p_ids) - keep:] if keep else []
-            r_ids = r_ids[: self.max_length - len(p_ids)]
-        if not r_ids:
-            raise DataFormatError(f"{where}: the response encodes to no tokens")
         return Encoded(p_ids + r_ids, len(p_ids))
 
     def warn_truncated(self, what: str) -> None:
         """One summary warning for all rows cut to ``max_length``."""
         if self.truncated:
-            warnings.warn(f"{what}: {self.truncated} rows longer than max_length={self.max_length} were "
-                          "truncated from the left of the prompt", stacklevel=2)
+            warnings.warn(truncation_warning(what, self.truncated, self.max_length), stacklevel=2)
         self.truncated = 0
+
+
+def truncation_warning(where: str, rows: int, max_length: int) -> str:
+    return (f"{where}: {rows} rows longer than max_length={max_length} had their prompt cut from the left to fit "
+            "(answers are kept whole)")
 
 
 def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from prism_lightning import __version__
+from prism_lightning.callbacks.signals import StopOnSigterm
 from prism_lightning.config import LoraArgs, ModelArgs
 from prism_lightning.context import StageContext, feature_overrides
 from prism_lightning.errors import SettingsError, StageMismatchError
@@ -25,7 +26,7 @@ from prism_lightning.influence import curvature as C
 from prism_lightning.influence.per_example import lora_linears
 from prism_lightning.influence.preconditioners import needs_fit
 from prism_lightning.modeling import build_model, load_adapter_weights
-from prism_lightning.modules.features import find_checkpoints
+from prism_lightning.modules.features import check_base_model, find_checkpoints
 from prism_lightning.provenance import differences
 from prism_lightning.store.feature_store import PredictTask, num_shards
 
@@ -68,6 +69,7 @@ class CurvatureModule(L.LightningModule):
         dm.load()
         self.fit_rows = self.rows_record(dm)
         found = find_checkpoints(self.checkpoint_dir, self.epochs)
+        check_base_model(self.model_args, found, str(self.trainer.precision))
         self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in found}
         if self.phase == "covariance":
             self.todo = []
@@ -87,6 +89,9 @@ class CurvatureModule(L.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.plan = [PredictTask(tag, "warmup", shards[rank::world]) for tag in self.todo]
         dm.connect(predict_plan=self.plan)
+
+    def configure_callbacks(self):
+        return [StopOnSigterm()]
 
     def configure_model(self) -> None:
         if self.model is not None:

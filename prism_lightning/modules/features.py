@@ -10,7 +10,6 @@ Needs ``Trainer(inference_mode=False)``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from prism_lightning import __version__
+from prism_lightning.callbacks.adapter_checkpoint import RUN_FILE, check_checkpoint
+from prism_lightning.callbacks.signals import StopOnSigterm
 from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
 from prism_lightning.context import StageContext, feature_overrides
 from prism_lightning.errors import SettingsError, StoreMismatchError
@@ -33,7 +34,7 @@ from prism_lightning.influence.preconditioners import (
     needs_fit,
 )
 from prism_lightning.influence.projection import Projector, projection_identity
-from prism_lightning.modeling import build_model, load_adapter_weights, torch_dtype
+from prism_lightning.modeling import base_model_identity, build_model, load_adapter_weights, torch_dtype
 from prism_lightning.provenance import Manifest
 from prism_lightning.store.feature_store import (
     FORMAT_VERSION,
@@ -48,19 +49,41 @@ from prism_lightning.store.writer import FeatureStoreWriter
 
 
 def find_checkpoints(checkpoint_dir: str | Path, epochs: list[int] | None = None) -> list[tuple[int, Path, dict]]:
-    """Complete ``epoch-N`` folders (those with ``checkpoint.json``) as (N, folder, info), by N."""
+    """Complete ``epoch-N`` folders (those with ``checkpoint.json``) as (N, folder, info), by N; checkpoints of
+    different warmup runs are refused."""
     root = Path(checkpoint_dir)
     found = []
     for folder in root.glob("epoch-*"):
-        meta = folder / "checkpoint.json"
-        if folder.is_dir() and meta.exists():
-            info = json.loads(meta.read_text())
-            if epochs is None or info["epoch"] in epochs:
-                found.append((int(info["epoch"]), folder, info))
+        meta = Manifest.read(folder / "checkpoint.json") if folder.is_dir() else None
+        if meta is not None and (epochs is None or meta["epoch"] in epochs):
+            found.append((int(meta["epoch"]), folder, meta.data))
     if not found:
         raise FileNotFoundError(f"{root}: no complete warmup checkpoint (epoch-N/checkpoint.json); run the "
                                 "warmup stage first or fix checkpoint_dir")
-    return sorted(found, key=lambda t: t[0])
+    found.sort(key=lambda t: t[0])
+    run = Manifest.read(root / RUN_FILE)
+    runs = {f"epoch-{e}": info.get("run_id") for e, _, info in found}
+    if len(set(runs.values())) > 1 or (run is not None and set(runs.values()) != {run.get("run_id")}):
+        raise StoreMismatchError(f"{root}: its checkpoints come from different warmup runs ("
+                                 f"{', '.join(f'{k}: {v}' for k, v in runs.items())}"
+                                 f"{f'; {RUN_FILE}: ' + str(run.get('run_id')) if run is not None else ''}); rerun "
+                                 "the warmup into a fresh folder (or with force: true, which replaces the old run)")
+    return found
+
+
+def check_base_model(model: ModelArgs, checkpoints, precision: str | None) -> dict:
+    """The base model's identity (``modeling.base_model_identity``), after checking that it is the one every
+    warmup checkpoint was trained from and that their files are the ones they record."""
+    base = base_model_identity(model, precision)
+    for _, folder, info in checkpoints:
+        check_checkpoint(folder, info)
+        if info.get("base_model") is not None:
+            Manifest(folder / "checkpoint.json", info).check(
+                {"base_model": {"name_or_path": base["name_or_path"], "sha256": base["sha256"]}},
+                what=str(folder), error=StoreMismatchError,
+                fix="the warmup was trained from another base model: give that model's model.name_or_path, or run "
+                    "the warmup with this one")
+    return base
 
 
 class GradientFeatureModule(L.LightningModule):
@@ -121,6 +144,7 @@ class GradientFeatureModule(L.LightningModule):
         proj = projection_identity(self.projection)
         dataset, _ = dm.split_dataset(split)
         return {"format": FORMAT_VERSION, "split": split, "model": self.model_args.name_or_path,
+                "base_model": self.base_model,
                 "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
                 "lr_mean": info["lr_mean"], "dataset_fingerprint": dm.fingerprint(split),
                 "source_sha256": dm.source_digest(split), "source": dm.source_record(split),
@@ -147,6 +171,7 @@ class GradientFeatureModule(L.LightningModule):
         dm = self.trainer.datamodule
         dm.load()
         self.checkpoints = {f"epoch-{e}": (e, f, i) for e, f, i in find_checkpoints(self.checkpoint_dir, self.epochs)}
+        self.base_model = check_base_model(self.model_args, self.checkpoints.values(), str(self.trainer.precision))
         sizes = self._layer_sizes()
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.plan, self._incomplete = [], set()
@@ -189,7 +214,7 @@ class GradientFeatureModule(L.LightningModule):
         return {k: v.numel() for k, v in weights.items()}
 
     def configure_callbacks(self):
-        return [FeatureStoreWriter(self.stores)]
+        return [FeatureStoreWriter(self.stores), StopOnSigterm()]
 
     def on_predict_start(self) -> None:
         # every row's features go to the store as its shard completes: never also keep them in memory, whatever

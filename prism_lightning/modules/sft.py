@@ -74,6 +74,11 @@ class SFTModule(L.LightningModule):
         self._tokenizer = None
         self.strict_loading = False
 
+    def last_checkpoint(self) -> Path | None:
+        """This run's Lightning ``last.ckpt`` (``<output_dir>/<stage_dir>/lightning/``), if there is one."""
+        path = Path(self.output_dir) / self.stage_dir / "lightning" / "last.ckpt"
+        return path if path.exists() else None
+
     def configure_model(self) -> None:
         if self.model is not None:
             return

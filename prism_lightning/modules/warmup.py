@@ -22,8 +22,14 @@ class WarmupModule(SFTModule):
 
     stage_dir = "warmup"
 
+    def __init__(self, *args, force: bool = False, **kwargs):
+        """``force``: replace the checkpoints of another warmup run in ``<output_dir>/warmup`` (refused otherwise);
+        the other arguments are ``SFTModule``'s."""
+        super().__init__(*args, **kwargs)
+        self.force = force
+
     def configure_callbacks(self):
-        return [ReferenceCheckpoint(self.stage_dir),
+        return [ReferenceCheckpoint(self.stage_dir, force=self.force),
                 ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.stage_dir / "lightning"),
                                 filename="{epoch}", save_last=True, save_top_k=-1,
                                 every_n_epochs=1)]
@@ -38,8 +44,9 @@ def identity(ctx: StageContext) -> dict:
 def run(ctx: StageContext) -> None:
     """The warmup of one experiment and seed (a preempted one resumes from its last Lightning checkpoint)."""
     L.seed_everything(ctx.seed, verbose=False)
-    module = WarmupModule(model=ctx.model.model_args, lora=ctx.lora, optim=ctx.model.optim_args,
-                          output_dir=str(ctx.root), fsdp=ctx.model.fsdp_args)
-    trainer = ctx.trainer_for("warmup", max_epochs=ctx.args.warmup_epochs, enable_checkpointing=True)
     last = ctx.root / "warmup" / "lightning" / "last.ckpt"
+    # the stage is not done: what its folder holds is this stage's own, resumed from last.ckpt, or left over
+    module = WarmupModule(model=ctx.model.model_args, lora=ctx.lora, optim=ctx.model.optim_args,
+                          output_dir=str(ctx.root), fsdp=ctx.model.fsdp_args, force=not last.exists())
+    trainer = ctx.trainer_for("warmup", max_epochs=ctx.args.warmup_epochs, enable_checkpointing=True)
     trainer.fit(module, datamodule=ctx.data_for(train_on="warmup"), ckpt_path=str(last) if last.exists() else None)

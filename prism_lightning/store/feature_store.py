@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prism_lightning.errors import NonFiniteError, StoreCorruptError, StoreMismatchError
-from prism_lightning.io import atomic_file, atomic_write_text, file_sha256
+from prism_lightning.io import atomic_file, atomic_write_text, file_sha256, read_json, write_error
 from prism_lightning.provenance import Manifest
 
 FORMAT_VERSION = 1
 # Settings that must agree for shards to be reused or scored together.
-IDENTITY_KEYS = ("format", "split", "model", "adapter_sha256", "dataset_fingerprint", "projection",
+IDENTITY_KEYS = ("format", "split", "model", "base_model", "adapter_sha256", "dataset_fingerprint", "projection",
                  "preconditioner", "damping", "curvature_sha256", "normalize", "dtype", "shard_size", "rows")
 
 
@@ -80,7 +80,10 @@ def write_shard(folder: str | Path, shard: int, tensors: dict[str, torch.Tensor]
     path = shard_path(folder, shard)
     check_finite(tensors, f"{path}")
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        except SafetensorError as err:  # safetensors reports a full disk or an unwritable file as its own error
+            raise write_error(path, str(err)) from err
     index = tensors["index"]
     record = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
               "rows": int(index.numel()), "first": int(index[0]), "last": int(index[-1])}
@@ -105,7 +108,7 @@ def complete_shards(folder: str | Path, n_shards: int) -> set[int]:
     done = set()
     for j in range(n_shards):
         path, rec = shard_path(folder, j), record_path(folder, j)
-        if path.exists() and rec.exists() and json.loads(rec.read_text())["bytes"] == path.stat().st_size:
+        if path.exists() and rec.exists() and (read_json(rec) or {}).get("bytes") == path.stat().st_size:
             done.add(j)
     return done
 
@@ -120,7 +123,7 @@ def orphan_shards(folder: str | Path) -> list[Path]:
 
 def shard_records(folder: str | Path, n_shards: int) -> list[dict]:
     """The records of shards 0..n-1, for the manifest."""
-    return [json.loads(record_path(folder, j).read_text()) for j in range(n_shards)]
+    return [read_json(record_path(folder, j)) for j in range(n_shards)]
 
 
 def mark_complete(folder: str | Path, settings: dict, n_shards: int) -> dict:

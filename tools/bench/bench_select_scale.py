@@ -56,6 +56,7 @@ def write_inputs(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs:
             fh.write(json.dumps({"id": f"t{i}", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     sources = {"pool": PoolIndex.scan(root / "pool.jsonl").digest,
                "target": rows_digest(load_pairs(root / "target.jsonl"))}
+    files = {"pool": str((root / "pool.jsonl").resolve()), "target": str((root / "target.jsonl").resolve())}
     gen = torch.Generator().manual_seed(0)
     for split, n in (("pool", rows), ("target", pairs)):
         folder = root / "features" / "epoch-1" / split
@@ -77,7 +78,8 @@ def write_inputs(root: Path, rows: int, dim: int, shard: int, dtype: str, pairs:
             write_shard(folder, s, tensors)
         settings = {"format": 1, "split": split, "rows": n, "dim": dim, "shard_size": size, "lr_mean": 1e-4,
                     "dtype": dtype, "model": "synthetic", "normalize": True, "epoch": 1, "adapter_sha256": "synthetic",
-                    "projection": {"kind": "sjlt", "dim": dim, "seed": 0}, "source_sha256": sources[split]}
+                    "projection": {"kind": "sjlt", "dim": dim, "seed": 0}, "source_sha256": sources[split],
+                    "source": files[split]}
         mark_complete(folder, settings, -(-n // size))
     return sum(p.stat().st_size for p in (root / "features" / "epoch-1" / "pool").glob("*"))
 
