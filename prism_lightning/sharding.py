@@ -20,6 +20,7 @@ parameter) and everything else -- LoRA weights, embeddings, norms, ``lm_head`` -
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
@@ -46,6 +47,37 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Resume from a sharded checkpoint that holds only the trainable parameters (``SFTModule`` leaves the
+        frozen base out: it is read from the model's files): load those entries of the model's state, then the
+        optimizer and the rest, as Lightning does for a full one (it requests every key and fails on the base's)."""
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _is_sharded_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = {k.split(".", 1)[1] for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith("state_dict.")}
+        module = self.model
+        state = {"state_dict": {k: v for k, v in get_model_state_dict(module).items() if k in saved}}
+        _distributed_checkpoint_load(state, path)
+        module.load_state_dict(state["state_dict"], strict=False)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            _distributed_checkpoint_load(optim_state, path)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -62,9 +62,9 @@ def test_fsdp_warmup_equals_single_process(runs):
 @pytest.mark.distributed
 def test_fsdp_resumes_from_sharded_checkpoint(runs, small_data):
     out = runs["root"] / "resumed"
-    warmup(small_data, out, 2, 1)
+    warmup(small_data, out, 2, 2, "--trainer.callbacks+=fault_helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "1")
     assert not (out / "warmup" / "epoch-2").exists()
-    warmup(small_data, out, 2, 2, "--ckpt_path", "last")
+    warmup(small_data, out, 2, 2, "--ckpt_path", "last")  # the same run, resumed: epoch 2 as if never stopped
     assert_same_checkpoint(runs["fsdp"] / "epoch-2", out / "warmup" / "epoch-2")
 
 

@@ -127,8 +127,9 @@ def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monk
         raise KeyboardInterrupt("killed after the feature stage")
 
     monkeypatch.setattr(select, "run_selection", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         main(pipeline_args(fast_data, tmp_path))
+    assert stop.value.code == 130  # as after Ctrl+C
     run = tmp_path / "repair_fast" / "seed-0"
     assert (run / "features" / "stage.json").exists() and not (run / "selection" / "stage.json").exists()
     marks = {s: (run / s / "stage.json").stat().st_mtime_ns for s in ("warmup", "features")}

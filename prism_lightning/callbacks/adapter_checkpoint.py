@@ -148,7 +148,8 @@ class ReferenceCheckpoint(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.run = state.get("run")  # a resumed run keeps its id
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        """Claim the folder once a resumed run's state is restored (under FSDP that is after ``on_fit_start``)."""
         if trainer.fast_dev_run:
             return
         if self.run is None:
