@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -158,7 +159,9 @@ class PrismCLI(LightningCLI):
         module's ``configure_callbacks`` adds the checkpoint callback that knows where it is, and would start
         over with only a warning."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if kwargs.get("ckpt_path") == "last" and hasattr(self.model, "last_checkpoint"):
+        own = hasattr(self.model, "last_checkpoint") and not any(  # a user's ModelCheckpoint: Lightning finds its own
+            isinstance(c, ModelCheckpoint) for c in self.trainer.init_kwargs.get("callbacks") or [])
+        if kwargs.get("ckpt_path") == "last" and own:
             found = self.model.last_checkpoint()
             if found is None:
                 raise FileNotFoundError(f"--ckpt_path last: no last.ckpt of this run under {self.model.output_dir}; "

@@ -71,7 +71,7 @@ class LoraArgs:
 
 @dataclass
 class OptimArgs:
-    """AdamW with a linear rise over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    """AdamW with ``transformers``' schedule: a linear rise over ``warmup_ratio`` of the steps, then ``schedule``."""
 
     lr: float = 2e-5
     """Peak learning rate."""
@@ -82,7 +82,9 @@ class OptimArgs:
     eps: float = 1e-8
     """Adam's epsilon."""
     warmup_ratio: float = 0.03
-    """Share of the steps with a rising learning rate."""
+    """Share of the steps with a rising learning rate (rounded up to whole steps, as the Hugging Face Trainer)."""
+    schedule: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    """After the rise: linear decay to 0, cosine decay to 0, or constant (``transformers.get_scheduler``)."""
 
     def __post_init__(self) -> None:
         refuse("optim", [self.lr <= 0 and f"lr={self.lr} must be > 0",
@@ -200,7 +202,26 @@ class DatasetSpec:
         return f"load_dataset({self.path!r}{', ' + args if args else ''})"
 
 
-DataSource = str | DatasetSpec  # a file or folder path, or a load_dataset spec
+# A data setting: a file or folder path (relative to the working directory), or a ``load_dataset`` spec as a
+# mapping with ``DatasetSpec``'s keys. Not ``str | DatasetSpec``: with a dataclass in the union the CLI would read
+# an existing file's contents as a nested config (a CSV path became its text).
+DataSource = str | dict
+
+
+def spec_problems(name: str, value) -> list:
+    """Problems of a data setting given as a ``load_dataset`` mapping (none for a path)."""
+    if not isinstance(value, dict):
+        return []
+    known = {f for f in DatasetSpec.__dataclass_fields__}
+    extra = sorted(set(value) - known)
+    return [extra and f"{name}: unknown keys {extra} in a load_dataset spec; use {sorted(known)}",
+            "path" not in value and f"{name}: a load_dataset spec needs 'path' (a builder such as json, a folder or a "
+                                    "hub id)"]
+
+
+def as_source(value):
+    """A data setting as the readers take it: a path string, or a ``DatasetSpec``."""
+    return DatasetSpec(**value) if isinstance(value, dict) else value
 
 
 @dataclass
@@ -258,8 +279,10 @@ class DataSelection(SelectionArgs):
 class DataArgs:
     """Pool, target pairs and evaluation sets, and how every stage reads and batches them (``--data.*``).
 
-    Every data setting is a file or folder (JSONL, JSON, CSV, Parquet, a ``save_to_disk`` folder) or a
-    ``load_dataset`` spec (``{path: json, data_files: ..., split: train}``, a hub id with ``name``/``split``).
+    Every data setting is a path (JSONL, JSON, CSV, TSV, Parquet, a folder of such files or one written by
+    ``save_to_disk``; relative to the working directory) or a ``load_dataset`` spec as a mapping with the keys
+    ``path``, ``split``, ``name``, ``data_files``, ``revision`` (``{path: json, data_files: ..., split: train}``,
+    a hub id with ``name``/``split``).
     """
 
     pool: DataSource = f"{DEMO_DATA}/pool.jsonl"
@@ -273,7 +296,11 @@ class DataArgs:
     tokenizer: str | None = None
     """Tokenizer path or hub id (default: the model's, which the CLI and the pipeline connect)."""
     columns: Columns = field(default_factory=Columns)
-    """Column names in the files (rename here instead of editing the data)."""
+    """Column names in every file (rename here instead of editing the data)."""
+    pool_columns: Columns | None = None
+    """Column names of the pool and ``eval_sft`` rows, when they differ from ``columns``."""
+    target_columns: Columns | None = None
+    """Column names of the target and ``eval_pairs`` pairs, when they differ from ``columns``."""
     train_on: Literal["warmup", "pool", "selection"] = "warmup"
     """Training rows: ``warmup`` (a seeded ``warmup_fraction`` of the pool), ``pool`` (all of it) or
     ``selection`` (``selection`` computed here, or the rows of ``selection_file``)."""
@@ -288,7 +315,11 @@ class DataArgs:
     max_length: int = 256
     """Token budget per row (prompt and answer)."""
     truncation: Literal["left", "error"] = "left"
-    """Over-long rows: ``left`` cuts the prompt from the left, ``error`` refuses them."""
+    """Over-long rows: ``left`` cuts the prompt from the left, ``error`` refuses them (an answer longer than
+    ``max_length`` by itself is refused either way)."""
+    chat_loss: Literal["all_assistant_turns", "last_turn"] = "all_assistant_turns"
+    """Loss of a multi-turn ``messages`` row: on every assistant turn (TRL SFT's ``assistant_only_loss``), or on
+    the last one only."""
     batch_size: int = 8
     """Training rows per step and process (global batch = batch_size x devices x nodes x accumulation)."""
     eval_batch_size: int = 16
@@ -313,15 +344,23 @@ class DataArgs:
     """Processes for the tokenization ``datasets.map`` (its ``num_proc``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.columns, dict):
-            self.columns = Columns(**self.columns)
+        for name in ("columns", "pool_columns", "target_columns"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, Columns(**getattr(self, name)))
         if isinstance(self.selection, dict):
             self.selection = DataSelection(**self.selection)
         refuse("data", self.problems())
 
+    def columns_of(self, split: str) -> Columns:
+        """The column names of a source: ``pool``/``eval_sft`` rows use ``pool_columns``, ``target``/``eval_pairs``
+        pairs ``target_columns``, each defaulting to ``columns``."""
+        own = self.pool_columns if split in ("pool", "eval_sft") else self.target_columns
+        return own or self.columns
+
     def problems(self) -> list:
         picked = self.selection is not None or self.selection_file is not None
-        return [
+        specs = [p for n in ("pool", "target", "eval_sft", "eval_pairs") for p in spec_problems(n, getattr(self, n))]
+        return [*specs,
             not 0 < self.warmup_fraction <= 1 and f"warmup_fraction={self.warmup_fraction} must be in (0, 1]",
             self.max_length < 2 and f"max_length={self.max_length} must be >= 2",
             self.batch_size < 1 and f"batch_size={self.batch_size} must be >= 1",
@@ -375,7 +414,8 @@ class SelectArgs:
     """Replace selections made with other settings (otherwise refused)."""
 
     def __post_init__(self) -> None:
-        refuse("select", unique_modes(self.modes))
+        refuse("select", [*unique_modes(self.modes), *spec_problems("pool", self.pool),
+                          *spec_problems("target", self.target)])
 
 
 @dataclass
@@ -433,6 +473,8 @@ class Experiment:
             not 0 < self.fraction < 1 and f"fraction={self.fraction} must be in (0, 1)",
             not 0 <= self.target_noise <= 1 and f"target_noise={self.target_noise} must be in [0, 1]",
             self.kind == "forward" and self.clean_pool and "clean_pool is only used by repair experiments",
+            *spec_problems("pool", self.pool), *spec_problems("target", self.target),
+            *spec_problems("clean_pool", self.clean_pool),
             self.reselect_every is not None and self.reselect_every < 1
             and f"reselect_every={self.reselect_every} must be >= 1"])
 

@@ -31,6 +31,7 @@ from prism_lightning.callbacks.adapter_checkpoint import (
     RUN_FILE,
     adam_moments,
     claim_run_folder,
+    moments_of,
     write_reference_checkpoint,
 )
 from prism_lightning.config import ModelArgs
@@ -95,15 +96,64 @@ def hf_moments(optimizer_pt: Path, names: dict[str, torch.Size]) -> tuple[dict[s
                               f"{len(names)} trainable ones; was it saved for another model or adapter?")
     out = {}
     for i, (name, shape) in zip(indices, names.items()):
-        s = state["state"].get(i)
-        if not s or "exp_avg" not in s:
+        try:
+            found = moments_of(state["state"].get(i) or {})
+        except ValueError as err:
+            raise DataFormatError(f"{optimizer_pt}: parameter {i} ({name}): {err}") from None
+        if found is None:
             raise DataFormatError(f"{optimizer_pt}: no Adam moments for parameter {i} ({name}); only Adam/AdamW "
-                                  "warmups can be imported")
-        if s["exp_avg"].shape != shape:
-            raise DataFormatError(f"{optimizer_pt}: parameter {i} has shape {tuple(s['exp_avg'].shape)}, but {name} "
+                                  "warmups (torch, or bitsandbytes' 8-bit, 32-bit and paged AdamW) can be imported")
+        if found[0].shape != shape:
+            raise DataFormatError(f"{optimizer_pt}: parameter {i} has shape {tuple(found[0].shape)}, but {name} "
                                   f"is {tuple(shape)}: the optimizer's order does not match the adapter's")
-        out[f"{name}.exp_avg"], out[f"{name}.exp_avg_sq"] = s["exp_avg"].float(), s["exp_avg_sq"].float()
+        out[f"{name}.exp_avg"], out[f"{name}.exp_avg_sq"] = found
     return out, state["param_groups"][0]
+
+
+def step_learning_rates(folder: Path, previous: int, step: int) -> tuple[list[float], str]:
+    """The learning rate of every optimizer step ``previous + 1 .. step`` of a Trainer run, and where it comes from.
+
+    Rebuilt from the run's own schedule (``training_args.bin``: ``learning_rate``, ``lr_scheduler_type`` and its
+    warmup, over ``trainer_state.json``'s ``max_steps``) and checked against every learning rate the run logged;
+    without ``training_args.bin``, read from the log only if it holds every step. Refused otherwise: a guess
+    would weight the checkpoint wrongly in every score.
+    """
+    state = read_json(folder / "trainer_state.json")
+    # the Trainer logs at step s the rate step s trained with
+    logged = {int(e["step"]): float(e["learning_rate"]) for e in state.get("log_history", [])
+              if "learning_rate" in e and "step" in e}
+    args_file = folder / "training_args.bin"
+    if args_file.exists():
+        from transformers import get_scheduler
+
+        try:
+            args = torch.load(str(args_file), map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise DataFormatError(f"{args_file} cannot be read ({type(err).__name__}: {err})") from None
+        total = int(state.get("max_steps") or step)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+        sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(total),
+                              num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+        rates = []
+        for _ in range(step):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        wrong = [(s, logged[s], rates[s - 1]) for s in sorted(logged) if s <= step
+                 and abs(logged[s] - rates[s - 1]) > 1e-9 * max(abs(logged[s]), 1e-12)]
+        if wrong:
+            s, want, got = wrong[0]
+            raise DataFormatError(f"{args_file}: the schedule rebuilt from the run's arguments gives step {s} a "
+                                  f"learning rate of {got:g}, but the run logged {want:g}; a custom scheduler cannot "
+                                  "be rebuilt: log every step (logging_steps=1) or write the checkpoints with "
+                                  "PrismReferenceCallback")
+        return rates[previous:step], "schedule"
+    missing = [s for s in range(previous + 1, step + 1) if s not in logged]
+    if missing:
+        raise DataFormatError(f"{folder}: no training_args.bin and no logged learning rate for steps {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}; the checkpoint's learning rate cannot be known: "
+                              "keep training_args.bin with the checkpoints, or log every step (logging_steps=1)")
+    return [logged[s] for s in range(previous + 1, step + 1)], "logged"
 
 
 def _lora_info(adapter_dir: Path) -> dict:
@@ -137,16 +187,12 @@ def import_warmup(source: str, dest: str, base_model: str | None = None, force: 
     try:
         for epoch, folder in enumerate(folders, start=1):
             moments, group = hf_moments(folder / "optimizer.pt", names)
-            state = read_json(folder / "trainer_state.json")
-            step = int(state["global_step"])
-            lrs = [e["learning_rate"] for e in state.get("log_history", [])
-                   if "learning_rate" in e and previous < e.get("step", 0) <= step]
-            lr_mean = sum(lrs) / len(lrs) if lrs else float(group["lr"])
-            info = {"epoch": epoch, "lr_mean": lr_mean, "epoch_steps": step - previous, "global_step": step,
+            step = int(read_json(folder / "trainer_state.json")["global_step"])
+            lrs, lr_source = step_learning_rates(folder, previous, step)
+            info = {"epoch": epoch, "lr_mean": sum(lrs) / len(lrs), "epoch_steps": step - previous, "global_step": step,
                     "model": {"name_or_path": base}, "lora": _lora_info(folder),
                     "betas": list(group["betas"]), "eps": group["eps"], "imported_from": str(folder),
-                    "lr_source": "logged" if lrs else "optimizer param group (no learning rate logged in the interval)",
-                    **{k: run[k] for k in ("run_id", "base_model")}}
+                    "lr_source": lr_source, **{k: run[k] for k in ("run_id", "base_model")}}
 
             def copy_adapter(tmp: Path, folder=folder) -> Path:
                 for name in ADAPTER_FILES:

@@ -152,14 +152,11 @@ def file_sha256(path: str | Path) -> str:
 LOCK_NAME = ".prism-lock"
 
 
-def _alive(pid: int) -> bool:
+def _holder(path: Path) -> dict:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads(path.with_name(path.name + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 TEMPORARY = re.compile(r"^\..+\.(tmp|importing|replaced)-(\d+)$")
@@ -180,45 +177,37 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 @contextmanager
 def run_lock(folder: str | Path) -> Iterator[Path]:
-    """Hold ``<folder>/.prism-lock`` while a run writes to ``folder``; a second run is refused.
+    """Hold ``<folder>/.prism-lock`` while a run writes to ``folder``; a second run is refused at once.
 
-    The lock records the holder's pid, host and command. A lock left by a process that no longer runs
-    on this host is taken over; one held on another host (shared storage) is never broken: delete the
-    file by hand if that run is gone. Creating the lock also proves the folder is writable. Once it is
-    held, temporaries left by killed runs are removed (``remove_stale_temporaries``).
+    ``filelock``'s operating-system lock: the kernel releases it when the holder exits, however it ends (no stale
+    lock to break). ``.prism-lock.json`` names the holder (pid, host, command) for the refusal. Taking the lock
+    also proves the folder is writable. Once it is held, temporaries left by killed runs are removed
+    (``remove_stale_temporaries``).
     """
+    from filelock import FileLock, Timeout
+
     folder = Path(folder)
     path = folder / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)}
+    lock = FileLock(str(path), timeout=0, mode=FILE_MODE)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
-                break
-            except FileExistsError:
-                try:
-                    held = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    held = {}
-                if held.get("host") == me["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
-                    path.unlink(missing_ok=True)  # left by a run that died on this host
-                    continue
-                raise LockedError(f"{folder} is in use by pid {held.get('pid', '?')} on host {held.get('host', '?')} "
-                                  f"since {held.get('started', '?')} ({held.get('command', '')}); wait for that run, "
-                                  f"use another output folder, or delete {path} if that run is gone") from None
-        else:
-            raise LockedError(f"{path}: could not take the lock")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        remove_stale_temporaries(folder)
+        lock.acquire()
+    except Timeout:
+        held = _holder(path)
+        raise LockedError(f"{folder} is in use by pid {held.get('pid', '?')} on host {held.get('host', '?')} since "
+                          f"{held.get('started', '?')} ({held.get('command', '')}); wait for that run or use another "
+                          "output folder") from None
     except OSError as err:
         named = _named(err, path)
         if named is err:
             raise
         raise named from err
     try:
+        atomic_write_text(path.with_name(path.name + ".json"), json.dumps(me))
+        remove_stale_temporaries(folder)
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".json").unlink(missing_ok=True)
+        lock.release()

@@ -44,8 +44,8 @@ def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) 
         key = str(source)
         if key not in parsed:
             try:
-                parsed[key] = (load_pairs(source, datamodule.columns) if pairs
-                               else load_sft(source, datamodule.columns))
+                parsed[key] = (load_pairs(source, datamodule.columns_of("target")) if pairs
+                               else load_sft(source, datamodule.columns_of("pool")))
             except (DataFormatError, OSError) as err:
                 parsed[key] = None
                 problems.append(str(err))

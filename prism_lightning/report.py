@@ -7,7 +7,6 @@ standard deviation of the per-seed difference and the number of seeds on which a
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import platform
@@ -16,7 +15,8 @@ from pathlib import Path
 
 from prism_lightning.eval import metrics as M
 from prism_lightning.io import atomic_write_text
-from prism_lightning.view import fmt_stat, write_html
+from prism_lightning.select import explained_text
+from prism_lightning.view import NAN, fmt_stat, render_html, render_md
 
 BASELINES = ("loss", "random")  # the free baselines every verdict names
 RANK_METRIC = "within_subtask.auroc"
@@ -203,120 +203,114 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
-def _experiment_md(name: str, s: dict) -> list[str]:
+COLUMNS = [("whole_pool.auroc", "AUROC (pool)", False), ("within_subtask.auroc", "AUROC (in skill)", False),
+           ("within_subtask.precision_at_k", "P@k (in skill)", False), (M.EXACT_MATCH, "exact match %", True),
+           (M.WANTED, "wanted %", True), (M.UNWANTED, "unwanted %", True)]
+EXPLAIN_HEAD = [("rank", "rank"), ("id", "row"), ("subtask", "skill"), ("label", "label"), ("score", "score"),
+                ("prompt", "prompt"), ("completion", "completion"), (None, "strongest target pair"), (None, "share"),
+                (None, "all parts")]
+HOW_TO_READ = ("How to read the numbers: AUROC is how well -score separates the injected harmful rows from the clean "
+               "ones (0.5 = chance), measured within the contaminated skill (finding the skill's rows is easy and "
+               "finds no harmful one) and over the whole pool; P@k is the share of harmful rows among the "
+               "lowest-scored fraction. After each fine-tune: exact match on the skill's held-out rows, and the "
+               "share of held-out pairs answered the wanted or the unwanted way (greedy answer, at the point where "
+               "the two answers of the pair first differ). `base` is the model before any fine-tune, `full` the "
+               "whole pool, `oracle` the clean pool.")
+
+
+def explanations(root: Path, name: str, seed: int) -> dict[str, list[dict]]:
+    """Every mode's ``explain.jsonl`` of one experiment and seed, as the page's table rows."""
+    out = {}
+    for path in sorted((root / name / f"seed-{seed}" / "selection").glob("*/explain.jsonl")):
+        rows = []
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            prompt, answer = explained_text(r)
+            rows.append({"row": r["row"], "rank": r["rank"], "id": r["id"], "subtask": r.get("subtask", ""),
+                         "label": r.get("label"), "score": r["score"], "prompt": prompt, "completion": answer,
+                         "pairs": r["pairs"], "other_pairs": r["other_pairs"]})
+        out[path.parent.name] = rows
+    return out
+
+
+def _experiment_view(root: Path, name: str, s: dict) -> dict:
+    """One experiment as both pages show it: its verdict, its table, plots and the rows to look at."""
     n = s["seeds"]
-    nan = (float("nan"), float("nan"))
-    lines = [f"## {name}", "",
-             f"{s['kind']} on skill `{s['subtask']}`, {n} seed(s), pool features preconditioned with "
-             f"`{s['preconditioner']}`, target noise {s['target_noise']:.0%}.", ""]
-    head = ["mode", "AUROC (pool)", "AUROC (in skill)", "P@k (in skill)", "exact match %", "wanted %",
-            "unwanted %", "fine-tune s"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = {"head": ["mode", *(label for _, label, _ in COLUMNS), "fine-tune s"], "rows": []}
     for mode, m in s["modes"].items():
-        secs = m.get("seconds", nan)[0]
-        cells = [mode, fmt_stat(m.get("whole_pool.auroc", nan), n), fmt_stat(m.get("within_subtask.auroc", nan), n),
-                 fmt_stat(m.get("within_subtask.precision_at_k", nan), n),
-                 fmt_stat(m.get(M.EXACT_MATCH, nan), n, pct=True), fmt_stat(m.get(M.WANTED, nan), n, pct=True),
-                 fmt_stat(m.get(M.UNWANTED, nan), n, pct=True), "–" if math.isnan(secs) else f"{secs:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    secs = ", ".join(f"{k} {v[0]:.0f}s" for k, v in s["stage_seconds"].items())
-    lines += ["", f"Stage wall time (mean over seeds): {secs}.", ""]
-    if s["plots"] and any(m.get("within_subtask.auroc") for m in s["modes"].values()):
-        lines += [f"![ROC]({s['plots'][0]}) "
-                  f"![scores]({s['plots'][0].replace('roc.png', 'score_distributions.png')})", ""]
-    return lines
+        secs = m.get("seconds", NAN)[0]
+        table["rows"].append([mode, *(fmt_stat(m.get(key, NAN), n, pct) for key, _, pct in COLUMNS),
+                              "–" if math.isnan(secs) else f"{secs:.0f}"])
+    plots = []
+    if s["plots"] and any(m.get(RANK_METRIC) for m in s["modes"].values()):
+        plots = [s["plots"][0], s["plots"][0].replace("roc.png", "score_distributions.png")]
+    rows = (s.get("explained") or {}).get("rows") or []
+    seed = (s.get("explained") or {}).get("seed", 0)
+    top = [{"rank": r["rank"], "id": r["id"], "subtask": r["subtask"],
+            "label": "–" if r.get("label") is None else ("yes" if r["label"] else "no"), "score": f"{r['score']:.3g}",
+            "prompt": r["prompt"], "completion": r["completion"], "pair": r["pair"], "pair_subtask": r["pair_subtask"],
+            "pair_prompt": r["pair_prompt"], "share": "–" if r.get("pair_share") is None else f"{r['pair_share']:.0%}"}
+           for r in rows]
+    explained = explanations(root, name, seed)
+    focus = rows[0]["mode"] if rows else ("prism" if "prism" in explained else next(iter(explained), None))
+    return {"name": name, "kind": s["kind"], "subtask": s["subtask"], "seeds": n, "study": s.get("study"),
+            "preconditioner": s["preconditioner"], "noise": f"{s['target_noise']:.0%}", "verdict": s["verdict"],
+            "table": table, "plots": plots,
+            "stage_seconds": ", ".join(f"{k} {v[0]:.0f}s" for k, v in s["stage_seconds"].items()),
+            "top": top, "top_mode": focus, "top_seed": seed,
+            "top_what": "most harmful rows" if s["kind"] == "repair" else "top selected rows",
+            "explanations": explained}
 
 
-def _cell(text) -> str:
-    """A markdown table cell: HTML escaped (a viewer renders raw HTML), pipes escaped, one line."""
-    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
-
-
-def _explained_md(name: str, s: dict) -> list[str]:
-    """The rows to look at first (from the focus mode's ``explain.jsonl`` of the first seed)."""
-    rows = s.get("explained", {}).get("rows") or []
-    if not rows:
-        return []
-    what = "most harmful rows" if s["kind"] == "repair" else "top selected rows"
-    seed = s["explained"]["seed"]
-    lines = [f"The {len(rows)} {what} by `{rows[0]['mode']}` (seed {seed}), each with the target pair that "
-             f"contributes most to its score (share of the score; `{name}/seed-{seed}/selection/"
-             f"{rows[0]['mode']}/explain.jsonl` has every part):", "",
-             "| rank | row | skill | labelled harmful | score | prompt → completion | strongest target pair | share |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        label = "–" if r.get("label") is None else ("yes" if r["label"] else "no")
-        share = "–" if r.get("pair_share") is None else f"{r['pair_share']:.0%}"
-        lines.append(f"| {r['rank']} | {_cell(r['id'])} | {_cell(r['subtask'])} | {label} | {r['score']:.3g} | "
-                     f"{_cell(r['prompt'])} → {_cell(r['completion'])} | {_cell(r['pair'])} "
-                     f"({_cell(r['pair_subtask'])}): {_cell(r['pair_prompt'])} | {share} |")
-    return lines + [""]
-
-
-def _studies_md(summary: dict) -> list[str]:
+def _studies_view(summary: dict) -> list[dict]:
     """One table per study: within-skill AUROC per mode, one column per experiment of the study."""
     studies: dict[str, dict] = defaultdict(dict)
     for name, s in summary.items():
         if s.get("study"):
             studies[s["study"]][name] = s
-    lines: list[str] = []
+    out = []
     for study, exps in studies.items():
         modes = list(next(iter(exps.values()))["modes"])
-        cols = [f"{k} ({v['preconditioner']}, noise {v['target_noise']:.0%})" for k, v in exps.items()]
-        lines += [f"## Study: {study} (within-skill AUROC)", "", "| mode | " + " | ".join(cols) + " |",
-                  "|" + "---|" * (len(cols) + 1)]
-        for mode in modes:
-            cells = [fmt_stat(v["modes"].get(mode, {}).get(RANK_METRIC, (float("nan"),) * 2), v["seeds"])
-                     for v in exps.values()]
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
+        out.append({"name": study,
+                    "columns": [f"{k} ({v['preconditioner']}, noise {v['target_noise']:.0%})" for k, v in exps.items()],
+                    "rows": [[mode, *(fmt_stat(v["modes"].get(mode, {}).get(RANK_METRIC, NAN), v["seeds"])
+                                      for v in exps.values())] for mode in modes]})
+    return out
 
 
-def _weights_md(summary: dict) -> list[str]:
-    rows = [(k, v["prism_vs_uniform"]) for k, v in summary.items()
-            if v.get("prism_vs_uniform") and v["prism_vs_uniform"]["n"]]
-    if not rows:
-        return []
-    lines = ["## Preference weights: prism vs prism_uniform (within-skill AUROC, paired over seeds)", "",
-             "| experiment | prism | prism_uniform | difference | prism better on | tied on |",
-             "|---|---|---|---|---|---|"]
-    for name, c in rows:
-        spread = f" ± {c['std']:.3f}" if c["n"] > 1 else ""
-        lines.append(f"| {name} | {c['a_mean']:.3f} | {c['b_mean']:.3f} | {c['mean']:+.3f}{spread} | "
-                     f"{c['wins']}/{c['n']} seeds | {c['ties']}/{c['n']} seeds |")
-    return lines + [""]
+def _weights_view(summary: dict) -> list[list[str]]:
+    out = []
+    for name, c in ((k, v["prism_vs_uniform"]) for k, v in summary.items()):
+        if c and c["n"]:
+            spread = f" ± {c['std']:.3f}" if c["n"] > 1 else ""
+            out.append([name, f"{c['a_mean']:.3f}", f"{c['b_mean']:.3f}", f"{c['mean']:+.3f}{spread}",
+                        f"{c['wins']}/{c['n']} seeds", f"{c['ties']}/{c['n']} seeds"])
+    return out
+
+
+def view_model(report: dict, root: str | Path) -> dict:
+    """What ``report.md`` and ``report.html`` show, formatted once (``view.render_md``, ``view.render_html``)."""
+    root = Path(root)
+    experiments = [_experiment_view(root, name, s) for name, s in report["summary"].items()]
+    return {"model": report["model"]["name_or_path"], "lora_r": report["lora"]["r"],
+            "modes": report["settings"]["modes"], "seeds": report["settings"]["seeds"], "how_to_read": HOW_TO_READ,
+            "experiments": experiments, "studies": _studies_view(report["summary"]),
+            "weights": _weights_view(report["summary"]), "settings": json.dumps(report["settings"], indent=2),
+            "versions": report["versions"], "root": str(root), "explain_head": EXPLAIN_HEAD,
+            "data": {"explain": {e["name"]: e["explanations"] for e in experiments
+                                 if e["explanations"] and not e["study"]}}}
 
 
 def write_report(root: str | Path, report: dict) -> dict:
     """Write ``report.json`` (every number), ``report.md`` (verdicts first, then tables) and ``report.html``
-    (the same to look at, with searchable explanation tables: ``view``) under ``root``."""
+    (the same to look at, with searchable explanation tables) under ``root``, both from one ``view_model``."""
     root = Path(root)
     report["summary"] = summarise(report["results"])
     report["versions"] = versions()
     report["report_md"] = str(root / "report.md")
     report["report_html"] = str(root / "report.html")
     atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
-    lines = ["# prism_lightning report", "",
-             f"Model `{report['model']['name_or_path']}` (LoRA r={report['lora']['r']}), "
-             f"modes {report['settings']['modes']}, seeds {report['settings']['seeds']}.", "", "## Verdicts", ""]
-    for name, s in report["summary"].items():
-        if s["verdict"] and not s.get("study"):
-            lines += [f"### {name}", "", *s["verdict"], ""]
-    lines += ["How to read the numbers: AUROC is how well -score separates the injected harmful rows from "
-              "the clean ones (0.5 = chance), measured within the contaminated skill (finding the skill's rows "
-              "is easy and finds no harmful one) and over the whole pool; P@k is the share of harmful rows among "
-              "the lowest-scored fraction. After each fine-tune: exact match on the skill's held-out rows, and the "
-              "share of held-out pairs answered the wanted or the unwanted way (greedy answer, at the point where "
-              "the two answers of the pair first differ). `base` is the model before any fine-tune, `full` the "
-              "whole pool, `oracle` the clean pool.", ""]
-    for name, s in report["summary"].items():
-        if not s.get("study"):
-            lines += _experiment_md(name, s) + _explained_md(name, s)
-    lines += _studies_md(report["summary"])
-    lines += _weights_md(report["summary"])
-    lines += ["## Settings and versions", "", "```json", json.dumps(report["settings"], indent=2), "```", "",
-              "| package | version |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report["versions"].items()]
-    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
-    write_html(root, report)
+    model = view_model(report, root)
+    atomic_write_text(root / "report.md", render_md(model))
+    atomic_write_text(root / "report.html", render_html(model))
     return report

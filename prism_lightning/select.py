@@ -29,9 +29,9 @@ import torch
 from prism_lightning.config import (
     Columns,
     DataSelection,
-    DatasetSpec,
     SelectArgs,
     SelectionArgs,
+    as_source,
     refuse,
     unique_modes,
 )
@@ -418,12 +418,13 @@ def select_command(cmd: SelectArgs) -> dict:
         made = stores_settings(stores)
         cols = cmd.columns or Columns(**(made.get("columns") or {}))
         pool_source = cmd.pool or _recorded_source(made.get("source"), stores[0][1].folder, "pool")
-        pool = PoolIndex.scan(pool_source, cols, cmd.selection.label)
+        pool = PoolIndex.scan(as_source(pool_source), cols, cmd.selection.label)
         targets = []
         if grad:
             tmade = stores[0][2].manifest
-            targets = load_pairs(cmd.target or _recorded_source(tmade.get("source"), stores[0][2].folder, "target"),
-                                 cols)
+            tcols = cmd.columns or Columns(**(tmade.get("columns") or {}))
+            targets = load_pairs(as_source(cmd.target or _recorded_source(tmade.get("source"), stores[0][2].folder,
+                                                                          "target")), tcols)
         explicit = explicit_settings(cmd.model, cmd.projection, cmd.pool_preconditioner, cmd.damping)
         summary = run_selection(cmd.features, out, list(cmd.modes), cmd.selection, pool, targets,
                                 explicit=explicit, force=cmd.force, ranks=ranks)
@@ -437,7 +438,7 @@ def _recorded_source(source, folder: Path, split: str):
     if source is None:
         raise FileNotFoundError(f"{folder}: the store does not record the {split} file it was made from (an older "
                                 f"store); give --{split}")
-    return DatasetSpec(**source) if isinstance(source, dict) else source
+    return source
 
 
 # ----- explanations ----------------------------------------------------------------------------------------
@@ -562,8 +563,8 @@ def run(ctx: StageContext) -> None:
     """Every mode of the experiment, scored on every rank's block of shards, written by rank 0."""
     args = stage_selection(ctx)
     dm = ctx.data_for()
-    pool = PoolIndex.scan(ctx.exp.pool, dm.columns, args.label)
-    targets = load_pairs(dm.target, dm.columns)
+    pool = PoolIndex.scan(as_source(ctx.exp.pool), dm.columns_of("pool"), args.label)
+    targets = load_pairs(as_source(dm.target), dm.columns_of("target"))
     run_selection(ctx.root / "features", ctx.root / "selection", list(ctx.args.modes), args, pool, targets,
                   ranks=Ranks.current())
 

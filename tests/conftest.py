@@ -139,34 +139,38 @@ def run_processes(commands: list[tuple[list[str], dict]], timeout: int = 600) ->
             assert p.returncode == 0, out[-4000:]
 
 
-@pytest.fixture(scope="session")
-def hf_run(tmp_path_factory, small_data):
-    """Two epochs of LoRA SFT on the tiny model with transformers.Trainer; the callback writes epoch-N/ as it goes."""
+def hf_train(root: Path, pool: Path, epochs: int = 2, **arguments) -> Path:
+    """LoRA SFT of the tiny model with ``transformers.Trainer`` (``arguments`` override ``TrainingArguments``);
+    ``PrismReferenceCallback`` writes ``root/callback/epoch-N/`` as it goes; the Trainer's checkpoints go to
+    ``root/hf``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from prism_lightning.data import PrismDataModule
-    from prism_lightning.data.tokenize import pad_batch
+    from prism_lightning.data.tokenize import Encoded, pad_batch
     from prism_lightning.hf_warmup import PrismReferenceCallback
 
-    root = tmp_path_factory.mktemp("hf")
-    dm = PrismDataModule(tokenizer=TINY_MODEL,
-                         pool=str(small_data["pool"]), target=None, eval_sft=None, eval_pairs=None, max_length=64)
+    dm = PrismDataModule(tokenizer=TINY_MODEL, pool=str(pool), target=None, eval_sft=None, eval_pairs=None,
+                         max_length=64)
     dm.load()
     rows = [{"input_ids": e.input_ids, "prompt_len": e.prompt_len} for e in dm.pool_encoded]
 
     def collate(items):
-        from prism_lightning.data.tokenize import Encoded
-
         batch = pad_batch([Encoded(i["input_ids"], i["prompt_len"]) for i in items], dm.tok.pad_token_id)
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY_MODEL),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    args = TrainingArguments(output_dir=str(root / "hf"), num_train_epochs=2, per_device_train_batch_size=8,
-                             learning_rate=2e-3, logging_steps=1, save_strategy="epoch", report_to=[], use_cpu=True,
-                             remove_unused_columns=False, seed=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+    settings = {"output_dir": str(root / "hf"), "num_train_epochs": epochs, "per_device_train_batch_size": 8,
+                "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "epoch", "report_to": [], "use_cpu": True,
+                "remove_unused_columns": False, "seed": 0, "disable_tqdm": True} | arguments
+    Trainer(model=model, args=TrainingArguments(**settings), train_dataset=rows, data_collator=collate,
             callbacks=[PrismReferenceCallback(root / "callback")]).train()
     return root
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory, small_data):
+    """Two epochs with transformers.Trainer, every step's learning rate logged."""
+    return hf_train(tmp_path_factory.mktemp("hf"), small_data["pool"])

@@ -326,20 +326,20 @@ def test_a_rerun_with_other_settings_is_refused(store):
 
 # ----- the output folder -----------------------------------------------------------------------------------
 def test_a_second_run_into_a_folder_is_refused(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A live holder (another process) keeps the folder; once it is gone, however it ended, the lock is free."""
+    code = ("import sys, time; from prism_lightning.io import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        lock = tmp_path / ".prism-lock"
-        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": "now",
-                                    "command": "python -m prism_lightning select"}))
-        with pytest.raises(LockedError, match=rf"in use by pid {holder.pid} on host .* delete .*\.prism-lock"), \
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"in use by pid {holder.pid} on host .* wait for that run"), \
                 run_lock(tmp_path):
             pass
     finally:
-        holder.kill()
+        holder.kill()  # as kill -9: nothing of the holder's runs after this
         holder.wait()
-    with run_lock(tmp_path) as path:  # the holder is gone: its stale lock is taken over
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert not (tmp_path / ".prism-lock").exists()
+    with run_lock(tmp_path) as path:  # the kernel released the dead holder's lock
+        assert json.loads(path.with_name(path.name + ".json").read_text())["pid"] == os.getpid()
 
 
 @pytest.mark.slow

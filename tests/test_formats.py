@@ -291,3 +291,37 @@ def test_tokenization_is_cached_and_keyed_by_its_settings(small_data, tmp_path, 
     assert again.fingerprint("pool") == first.fingerprint("pool")
     with pytest.raises(AssertionError, match="tokenized again"):
         make(48).load()
+
+
+# A ChatML-style template whose assistant content is marked as `{% generation %}` (what transformers' assistant
+# mask, and so TRL SFT's `assistant_only_loss`, needs).
+CHATML_GENERATION = (
+    "{% for m in messages %}{{ '<|start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_every_assistant_turn_is_learned_as_trl_masks_it(turns):
+    """``chat_loss: all_assistant_turns``: the labelled tokens are exactly transformers' assistant mask (TRL's
+    ``assistant_only_loss``) on the same conversation; ``last_turn`` keeps only the last."""
+    from prism_lightning.config import ModelArgs
+    from prism_lightning.data.tokenize import Encoder, pad_batch
+    from prism_lightning.modeling import load_tokenizer
+
+    tok = load_tokenizer(ModelArgs())
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|end|>"]})
+    tok.chat_template = CHATML_GENERATION
+    chat = [{"role": "system", "content": "Be brief."}]
+    for t in range(turns):
+        chat += [{"role": "user", "content": f"Reverse ab{t}"}, {"role": "assistant", "content": f"{t}ba"}]
+    reference = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = Encoder(tok, max_length=512, all_turns=True).encode(chat[:-1], chat[-1]["content"], "w")
+    assert encoded.input_ids == reference["input_ids"]
+    labels = pad_batch([encoded], tok.pad_token_id)["labels"][0]
+    assert (labels != -100).long().tolist() == reference["assistant_masks"]
+    last = Encoder(tok, max_length=512).encode(chat[:-1], chat[-1]["content"], "w")  # chat_loss: last_turn
+    learned = (pad_batch([last], tok.pad_token_id)["labels"][0] != -100).nonzero().flatten().tolist()
+    assert learned == list(range(last.prompt_len, len(last.input_ids)))  # what follows the prompt, as TRL's
+    assert last.input_ids == encoded.input_ids  # completion-only loss on a prompt-completion row learns

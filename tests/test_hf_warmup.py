@@ -30,7 +30,7 @@ def test_imported_warmup_equals_the_callbacks(hf_run, small_data, tmp_path):
         assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
         info, cb = (json.loads((f / "checkpoint.json").read_text()) for f in (got, want))
         assert info["global_step"] == cb["global_step"] == 6 * epoch and info["betas"] == cb["betas"]
-        assert info["lr_mean"] > 0 and info["lr_source"] == "logged"
+        assert info["lr_mean"] == cb["lr_mean"] > 0 and info["lr_source"] == "schedule"
     # the feature stage reads both the same way and gets the same features
     stores = {}
     for name, folder in (("imported", tmp_path / "imported"), ("callback", hf_run / "callback")):
@@ -51,3 +51,50 @@ def test_import_refuses_a_folder_without_checkpoints(tmp_path):
 
     with pytest.raises(DataFormatError, match=r"no checkpoint-<step> folder with optimizer.pt"):
         import_warmup(str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_default_logging_imports_the_right_learning_rates(small_data, tmp_path, capsys, monkeypatch):
+    """With the Trainer's default logging_steps=500 no step's rate is logged: each checkpoint's mean rate is rebuilt
+    from the run's schedule, equal to what the callback saw step by step; without training_args.bin, refused."""
+    from conftest import hf_train
+
+    run = hf_train(tmp_path / "run", small_data["pool"], logging_steps=500, warmup_steps=2)
+    main(["import-warmup", "--source", str(run / "hf"), "--dest", str(tmp_path / "imported")])
+    for epoch in (1, 2):
+        got, want = (json.loads((f / f"epoch-{epoch}" / "checkpoint.json").read_text())
+                     for f in (tmp_path / "imported", run / "callback"))
+        assert got["lr_mean"] == pytest.approx(want["lr_mean"], rel=1e-12) and got["lr_mean"] > 0
+    assert got["lr_mean"] < json.loads((tmp_path / "imported" / "epoch-1" / "checkpoint.json").read_text())["lr_mean"]
+    for ck in (run / "hf").glob("checkpoint-*"):
+        (ck / "training_args.bin").unlink()
+    monkeypatch.delenv("PRISM_DEBUG", raising=False)
+    with pytest.raises(SystemExit):
+        main(["import-warmup", "--source", str(run / "hf"), "--dest", str(tmp_path / "again")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no training_args.bin and no logged learning rate for steps [1, 2, 3" in err and "logging_steps=1" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_adamw_states_import_dequantized(optim, small_data, tmp_path):
+    """bitsandbytes' AdamW 8-bit, paged 8-bit and paged 32-bit, as QLoRA runs use them: the saved states import,
+    equal to the live ones the callback read; after one step they are Adam's moments within 8-bit error."""
+    from conftest import hf_train
+
+    run = hf_train(tmp_path / "bnb", small_data["pool"], epochs=1, optim=optim)
+    main(["import-warmup", "--source", str(run / "hf"), "--dest", str(tmp_path / "imported")])
+    got = load_file(str(tmp_path / "imported" / "epoch-1" / "optimizer.safetensors"))
+    want = load_file(str(run / "callback" / "epoch-1" / "optimizer.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    one = hf_train(tmp_path / "one", small_data["pool"], epochs=1, optim=optim, max_steps=1, save_strategy="steps",
+                   save_steps=1)
+    ref = hf_train(tmp_path / "ref", small_data["pool"], epochs=1, optim="adamw_torch", max_steps=1,
+                   save_strategy="steps", save_steps=1)
+    for name, folder in (("one", one), ("ref", ref)):  # one step: the Trainer's checkpoint-1, imported
+        main(["import-warmup", "--source", str(folder / "hf"), "--dest", str(tmp_path / f"{name}-warmup")])
+    a = load_file(str(tmp_path / "one-warmup" / "epoch-1" / "optimizer.safetensors"))
+    b = load_file(str(tmp_path / "ref-warmup" / "epoch-1" / "optimizer.safetensors"))
+    for key in b:
+        err = (a[key] - b[key]).norm() / b[key].norm().clamp_min(1e-30)
+        assert err < (0.05 if "8bit" in optim else 1e-5), (key, float(err))

@@ -130,6 +130,14 @@ def test_full_finetune_warmup_saves_weights_and_moments(tmp_path, small_data):
     moments = load_file(str(folder / "optimizer.safetensors"))
     n_params = sum(1 for p in module.model.parameters() if p.requires_grad)
     assert len(weights) == n_params and len(moments) == 2 * n_params
+    # one call loads the full fine-tune and its tokenizer, as any Hugging Face model folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder))
+    trained = dict(module.model.named_parameters())
+    for name, value in loaded.named_parameters():
+        torch.testing.assert_close(value, trained[name].detach(), atol=0, rtol=0)
+    assert AutoTokenizer.from_pretrained(str(folder))("What is 2+3?")["input_ids"]
 
 
 @pytest.mark.slow

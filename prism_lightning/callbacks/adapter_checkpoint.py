@@ -41,27 +41,64 @@ from prism_lightning.sharding import full_tensor, gather_trainable
 RUN_FILE = "run.json"
 
 
+BNB_STATE = "__bnb_optimizer_quant_state__"  # where bitsandbytes' state_dict keeps its optimizers' moments
+BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _bnb_dequantized(state: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 8-bit blockwise state as float32 (its block size follows from the number of blocks)."""
+    import bitsandbytes.functional as F
+
+    blocksize = next(b for b in BNB_BLOCKS if b * absmax.numel() >= state.numel())
+    return F.dequantize_blockwise(state, absmax=absmax.float(), code=code.float(), blocksize=blocksize).float()
+
+
+def moments_of(state: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Adam's first and second moments of one parameter's optimizer state, as float32: ``torch.optim.Adam(W)``
+    (``exp_avg``/``exp_avg_sq``) or bitsandbytes' AdamW 8-bit, 32-bit and paged variants (``state1``/``state2``,
+    dequantized when 8-bit; live or from a saved ``state_dict``). None when the state holds no Adam moments."""
+    if "exp_avg" in state:
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+    q = state.get(BNB_STATE, state)
+    if "state1" not in q or "state2" not in q:
+        return None
+    m, v = q["state1"], q["state2"]
+    if m.dtype == torch.uint8:
+        if "absmax1" not in q:
+            raise ValueError("a bitsandbytes 8-bit optimizer state without block-wise quantization (block_wise=False) "
+                             "cannot be read; use the default block-wise 8-bit optimizers")
+        m, v = _bnb_dequantized(m, q["absmax1"], q["qmap1"]), _bnb_dequantized(v, q["absmax2"], q["qmap2"])
+    return m.float(), v.float()
+
+
 def adam_moments(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
-    """``{name.exp_avg, name.exp_avg_sq}`` for each parameter the optimizer holds state for.
+    """``{name.exp_avg, name.exp_avg_sq}`` for each parameter the optimizer holds Adam state for (``moments_of``).
 
     Under FSDP the moments are sharded ``DTensor``s: this gathers them, so every rank must call it.
     """
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "exp_avg" in state and p in names:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    out[f"{names[p]}.{key}"] = full_tensor(state[key].detach()).float().cpu().contiguous()
+            found = moments_of(optimizer.state.get(p, {})) if p in names else None
+            if found is not None:
+                for key, t in zip(("exp_avg", "exp_avg_sq"), found):
+                    out[f"{names[p]}.{key}"] = full_tensor(t.detach()).float().cpu().contiguous()
     return out
 
 
-def save_trainable(model, weights: dict[str, torch.Tensor], folder: Path) -> Path:
-    """Write gathered trainable weights: a peft adapter (``save_pretrained``) or ``model.safetensors``."""
+def save_trainable(model, weights: dict[str, torch.Tensor], folder: Path, tokenizer=None) -> Path:
+    """Write gathered trainable weights so that one call loads them, with the tokenizer beside them: a peft adapter
+    (``PeftModel.from_pretrained``), or a full fine-tune's whole model (``AutoModelForCausalLM.from_pretrained``:
+    ``config.json`` and one ``model.safetensors``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
         model.save_pretrained(str(folder), state_dict=weights)
         return folder / "adapter_model.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(folder), state_dict=weights, max_shard_size="1000GB")
+        return folder / "model.safetensors"
     save_file(weights, str(folder / "model.safetensors"))
     return folder / "model.safetensors"
 
@@ -78,7 +115,8 @@ def save_reference_checkpoint(module, optimizer, folder: Path, info: dict, write
     weights, moments = gather_trainable(model), adam_moments(optimizer, names)
     if not write:
         return folder
-    return write_reference_checkpoint(folder, lambda tmp: save_trainable(model, weights, tmp), moments, info)
+    tokenizer = getattr(module, "tokenizer", None)
+    return write_reference_checkpoint(folder, lambda tmp: save_trainable(model, weights, tmp, tokenizer), moments, info)
 
 
 def write_reference_checkpoint(folder: Path, write_weights, moments: dict[str, torch.Tensor], info: dict) -> Path:

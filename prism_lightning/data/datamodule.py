@@ -9,13 +9,13 @@ fine-tune trains on in ``setup("fit")``, on every rank (``select.training_rows``
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from prism_lightning.config import DataArgs, DatasetSpec, ModelArgs
+from prism_lightning.config import DataArgs, ModelArgs
 from prism_lightning.data.datasets import PairCollator, PairDataset, SFTCollator, SFTDataset
 from prism_lightning.data.encoding import EncodedRows, encode_rows
 from prism_lightning.data.formats import PoolIndex, load_pairs, load_sft, rows_digest
@@ -74,7 +74,8 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
     # ----- loading -------------------------------------------------------------------------
     def _encode(self, rows, side: str, where) -> EncodedRows:
         encoded, digest = encode_rows(rows, side, self.tok, self.max_length, self.truncation, where,
-                                      self.cache_dir, self.tokenize_workers)
+                                      self.cache_dir, self.tokenize_workers,
+                                      all_turns=self.chat_loss == "all_assistant_turns" and side == "completion")
         self._digests.setdefault(id(rows), []).append(digest)
         return encoded
 
@@ -83,14 +84,14 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
         if self._ready:
             return
         self._digests: dict = {}
-        self.pool_rows = load_sft(self.pool, self.columns)
+        self.pool_rows = load_sft(self.pool, self.columns_of("pool"))
         self.pool_encoded = self._encode(self.pool_rows, "completion", self.pool)
-        self.target_rows = load_pairs(self.target, self.columns) if self.target else []
+        self.target_rows = load_pairs(self.target, self.columns_of("target")) if self.target else []
         self.target_encoded = ((self._encode(self.target_rows, "chosen", self.target),
                                 self._encode(self.target_rows, "rejected", self.target)) if self.target else ([], []))
-        self.eval_rows = load_sft(self.eval_sft, self.columns) if self.eval_sft else []
+        self.eval_rows = load_sft(self.eval_sft, self.columns_of("eval_sft")) if self.eval_sft else []
         self.eval_encoded = self._encode(self.eval_rows, "completion", self.eval_sft) if self.eval_sft else []
-        self.eval_pair_rows = load_pairs(self.eval_pairs, self.columns) if self.eval_pairs else []
+        self.eval_pair_rows = load_pairs(self.eval_pairs, self.columns_of("eval_pairs")) if self.eval_pairs else []
         self.eval_pair_encoded = ((self._encode(self.eval_pair_rows, "chosen", self.eval_pairs),
                                    self._encode(self.eval_pair_rows, "rejected", self.eval_pairs))
                                   if self.eval_pairs else ([], []))
@@ -130,7 +131,8 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no selection file; run `python -m prism_lightning select` first, "
                                     "give data.selection to compute it here, or fix data.selection_file")
-        ids = [r.id for r in load_sft(path, self.columns)] if path.suffix != ".txt" else \
+        # selected.jsonl is written with the canonical column names (``id``), whatever the pool's
+        ids = [r.id for r in load_sft(path)] if path.suffix != ".txt" else \
             [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         made = Manifest.read(path.parent / "manifest.json")  # written by `select` beside selected.jsonl
         if made is not None and made.get("pool_sha256") is not None:
@@ -226,13 +228,11 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
     def source_record(self, split: str):
         """The data setting of a split as a store records it: an absolute path, or a ``load_dataset`` spec."""
         source = self.pool if split == "pool" else self.target
-        if isinstance(source, DatasetSpec):
-            return asdict(source)
         return source if isinstance(source, dict) else str(Path(source).resolve())
 
     def tokenization(self) -> dict:
-        """The settings besides the rows and the tokenizer that decide a row's token ids."""
-        return {"max_length": self.max_length, "truncation": self.truncation}
+        """The settings besides the rows and the tokenizer that decide a row's token ids and labels."""
+        return {"max_length": self.max_length, "truncation": self.truncation, "chat_loss": self.chat_loss}
 
     def fingerprint(self, split: str) -> str:
         """Token fingerprint of a split (``pool`` or ``target``): the digest of its cached encoding, which

@@ -46,17 +46,28 @@ def tokenizer_identity(tokenizer) -> str:
     return json_digest(state)
 
 
-def _encode_batch(batch: dict, tokenizer, max_length: int, truncation: str, where: str) -> dict:
+def _encode_batch(batch: dict, tokenizer, max_length: int, truncation: str, where: str, all_turns: bool) -> dict:
     """``datasets.map`` function: one batch of (prompt, response) rows to ids; names a bad row."""
-    enc = Encoder(tokenizer, max_length, truncation)
-    out = {"input_ids": [], "prompt_len": [], "truncated": []}
+    enc = Encoder(tokenizer, max_length, truncation, all_turns=all_turns)
+    out = {"input_ids": [], "prompt_len": [], "turns": [], "truncated": []}
     for row, rid, prompt, response in zip(batch["row"], batch["id"], batch["prompt"], batch["response"]):
         before = enc.truncated
         e = enc.encode(json.loads(prompt), response, f"{where}: row {row + 1} (id {rid})")
         out["input_ids"].append(e.input_ids)
         out["prompt_len"].append(e.prompt_len)
+        out["turns"].append(e.turns)
         out["truncated"].append(enc.truncated > before)
     return out
+
+
+def _features():
+    """The cached table's columns and types, fixed: a batch of rows without assistant turns and one with them must
+    store the same type."""
+    import datasets
+
+    ints = datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({"input_ids": ints, "prompt_len": datasets.Value("int64"),
+                              "turns": datasets.Sequence(ints), "truncated": datasets.Value("bool")})
 
 
 class EncodedRows(Sequence):
@@ -71,7 +82,7 @@ class EncodedRows(Sequence):
 
     def __getitem__(self, i: int) -> Encoded:
         row = self.table[int(i)]
-        return Encoded(row["input_ids"], row["prompt_len"])
+        return Encoded(row["input_ids"], row["prompt_len"], row["turns"])
 
     def lengths(self, rows: range | None = None) -> list[int]:
         """Tokens per row (of ``rows``, default all), read from the Arrow column's offsets: no ids decoded."""
@@ -86,7 +97,8 @@ class EncodedRows(Sequence):
 
 
 def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_length: int, truncation: str,
-                where: str, cache_dir: str | None = None, workers: int = 1) -> tuple[EncodedRows, str]:
+                where: str, cache_dir: str | None = None, workers: int = 1,
+                all_turns: bool = False) -> tuple[EncodedRows, str]:
     """The cached encoding of ``rows`` (``side``: ``completion``, ``chosen`` or ``rejected``) and its digest.
 
     The digest names the cache file and is the split's token fingerprint in feature-store manifests.
@@ -94,7 +106,8 @@ def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_le
     import datasets
 
     digest = json_digest({"rows": rows_digest(rows), "side": side, "tokenizer": tokenizer_identity(tokenizer),
-                          "max_length": max_length, "truncation": truncation, "version": __version__, "format": 1})
+                          "max_length": max_length, "truncation": truncation, "all_turns": all_turns,
+                          "version": __version__, "format": 2})
     # one folder per datasets release: an Arrow file's feature metadata written by one release may not load in
     # another (e.g. 4.x's List type in 3.x), while the ids, hence the digest, are the same
     path = cache_root(cache_dir) / "tokenized" / f"datasets-{datasets.__version__}" / f"{digest}.arrow"
@@ -104,10 +117,10 @@ def encode_rows(rows: list[SFTRow] | list[PairRow], side: str, tokenizer, max_le
         "prompt": [json.dumps(r.prompt) for r in rows], "response": [getattr(r, side) for r in rows]})
     table = source.map(_encode_batch, batched=True, batch_size=1000, num_proc=workers if workers > 1 else None,
                        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "truncation": truncation,
-                                  "where": str(where)},
+                                  "where": str(where), "all_turns": all_turns},
                        remove_columns=source.column_names, cache_file_name=str(path), load_from_cache_file=True,
-                       new_fingerprint=digest, desc=f"tokenizing {side}s")
+                       new_fingerprint=digest, desc=f"tokenizing {side}s", features=_features())
     truncated = sum(table["truncated"])
     if truncated:
         warnings.warn(truncation_warning(str(where), truncated, max_length), stacklevel=2)
-    return EncodedRows(table.select_columns(["input_ids", "prompt_len"])), digest
+    return EncodedRows(table.select_columns(["input_ids", "prompt_len", "turns"])), digest

@@ -1,7 +1,7 @@
 """Reading and validating SFT rows and preference pairs from user files.
 
-Accepted files: JSONL/JSON, Parquet, CSV (read with ``datasets``) or a folder written by
-``Dataset.save_to_disk``. Accepted rows:
+Accepted files: JSONL/JSON, CSV/TSV (cells as text), Parquet (read with ``datasets``), a folder of such
+files (one type, name order) or one written by ``Dataset.save_to_disk``. Accepted rows:
 
 - SFT: ``prompt`` + ``completion``; or chat ``messages`` (list of ``{role, content}``, the
   last one the assistant's answer); or ``text`` (loss on every token).
@@ -100,13 +100,13 @@ def _json(path: Path) -> list[dict]:
     return rows
 
 
-def _csv(path: Path) -> list[dict]:
+def _csv(path: Path, delimiter: str = ",") -> list[dict]:
     """Every cell as the text it holds: no type inference, no NA conversion (an empty cell is '')."""
     header, rows = None, []
     for _ in _lines(path):  # the encoding first, naming a bad line
         pass
     with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the first column
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, delimiter=delimiter)
         header = reader.fieldnames
         try:
             rows = [dict(r) for r in reader]
@@ -139,7 +139,23 @@ def _with_datasets(path: Path) -> list[dict]:
         raise DataFormatError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
-READERS = {".jsonl": _json_lines, ".json": _json, ".csv": _csv, ".parquet": _with_datasets}
+def _tsv(path: Path) -> list[dict]:
+    return _csv(path, delimiter="\t")
+
+
+def _folder(path: Path) -> list[dict]:
+    """A folder written by ``save_to_disk``, or of data files of one type (read in name order, rows concatenated)."""
+    if any((path / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        return _with_datasets(path)
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in READERS)
+    kinds = {f.suffix for f in files}
+    if not files or len(kinds) > 1:
+        raise DataFormatError(f"{path}: a data folder must hold files of one type ({', '.join(sorted(READERS))}) "
+                              f"or a dataset saved with save_to_disk; found {sorted(kinds) or 'none'}")
+    return [row for f in files for row in READERS[f.suffix](f)]
+
+
+READERS = {".jsonl": _json_lines, ".json": _json, ".csv": _csv, ".tsv": _tsv, ".parquet": _with_datasets}
 
 
 def _load_spec(spec: DatasetSpec) -> list[dict]:
@@ -183,10 +199,10 @@ def read_records(path: str | Path | DatasetSpec | dict) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or folder; check the data path in your config")
-    reader = _with_datasets if p.is_dir() else READERS.get(p.suffix)
+    reader = _folder if p.is_dir() else READERS.get(p.suffix)
     if reader is None:
-        raise DataFormatError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet, .csv or a "
-                              "folder saved with Dataset.save_to_disk")
+        raise DataFormatError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet, .csv, .tsv, a "
+                              "folder of such files or one saved with Dataset.save_to_disk")
     rows = reader(p)
     if not rows:
         raise DataFormatError(f"{p}: no rows (the file is empty, blank or has only a header); it needs at least "

@@ -13,7 +13,7 @@ than ``max_length`` by itself is refused either way.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +23,16 @@ from prism_lightning.influence.objective import IGNORE
 
 @dataclass
 class Encoded:
-    """Token ids of one prompt + response; ``prompt_len`` tokens carry no loss."""
+    """Token ids of one prompt + response: the response (after ``prompt_len``) carries the loss, or, when given,
+    exactly the ``turns`` (``[start, end)`` spans: every assistant turn of a chat, as TRL's ``assistant_only_loss``)."""
 
     input_ids: list[int]
     prompt_len: int
+    turns: list[list[int]] = field(default_factory=list)
+
+    def label_spans(self) -> list[tuple[int, int]]:
+        """The ``[start, end)`` spans whose tokens carry the loss."""
+        return [(a, b) for a, b in self.turns] or [(self.prompt_len, len(self.input_ids))]
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -64,13 +70,50 @@ def _response_ids(tokenizer, prompt, response: str, p_ids: list[int], append_eos
     return r_ids
 
 
-class Encoder:
-    """Encodes (prompt, response) with response-only labels and the truncation policy."""
+def assistant_turns(tokenizer, messages: list[dict], ids: list[int], where: str) -> list[list[int]]:
+    """``[start, end)`` token spans of every assistant message of a chat rendered as ``ids``.
 
-    def __init__(self, tokenizer, max_length: int = 512, truncation: str = "left", append_eos: bool = True):
+    A template that marks assistant content (``{% generation %}``) gives transformers' assistant mask, exactly
+    what TRL SFT's ``assistant_only_loss`` learns; otherwise each assistant message is what the template adds for
+    it (its content and end-of-turn tokens), found by rendering the conversation up to it with and without it.
+    """
+    try:
+        marked = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=True)
+    except Exception:  # a template without generation markers (transformers refuses or warns)
+        marked = None
+    if marked is not None and list(marked["input_ids"]) == ids and any(marked["assistant_masks"]):
+        mask, spans, start = list(marked["assistant_masks"]), [], None
+        for i, m in enumerate([*mask, 0]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                spans.append([start, i])
+                start = None
+        return spans
+    spans = []
+    for j, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:j], True) if j else []
+        upto = _chat_ids(tokenizer, messages[: j + 1], False)
+        if upto != ids[: len(upto)] or before != upto[: len(before)]:
+            raise DataFormatError(f"{where}: the chat template renders turn {j + 1} differently inside the whole "
+                                  "conversation; its tokens cannot be found (use data.chat_loss: last_turn)")
+        spans.append([len(before), len(upto)])
+    return spans
+
+
+class Encoder:
+    """Encodes (prompt, response) with response-only labels and the truncation policy; ``all_turns``: a chat
+    prompt's earlier assistant turns carry the loss too."""
+
+    def __init__(self, tokenizer, max_length: int = 512, truncation: str = "left", append_eos: bool = True,
+                 all_turns: bool = False):
         if truncation not in ("left", "error"):
             raise ValueError(f"truncation={truncation!r} must be 'left' or 'error'")
         self.tok, self.max_length, self.truncation, self.append_eos = tokenizer, max_length, truncation, append_eos
+        self.all_turns = all_turns
         self.truncated = 0
 
     def encode(self, prompt, response: str, where: str) -> Encoded:
@@ -88,14 +131,20 @@ class Encoder:
                                   f"{self.max_length}: cutting it would teach (and score) a wrong ending; raise "
                                   "data.max_length, or shorten or drop the row")
         total = len(p_ids) + len(r_ids)
+        turns = []
+        if self.all_turns and isinstance(prompt, list) and getattr(self.tok, "chat_template", None):
+            turns = assistant_turns(self.tok, [*prompt, {"role": "assistant", "content": response}], p_ids + r_ids,
+                                    where)
         if total > self.max_length:
             if self.truncation == "error":
                 raise DataFormatError(f"{where}: {total} tokens exceed max_length={self.max_length}; raise "
                                       "data.max_length or set data.truncation: left")
             self.truncated += 1
             keep = self.max_length - len(r_ids)
-            p_ids = p_ids[len(p_ids) - keep:] if keep else []
-        return Encoded(p_ids + r_ids, len(p_ids))
+            cut = len(p_ids) - keep
+            p_ids = p_ids[cut:] if keep else []
+            turns = [[max(a - cut, 0), b - cut] for a, b in turns if b - cut > 0]
+        return Encoded(p_ids + r_ids, len(p_ids), turns)
 
     def warn_truncated(self, what: str) -> None:
         """One summary warning for all rows cut to ``max_length``."""
@@ -118,6 +167,7 @@ def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     for b, s in enumerate(seqs):
         n = len(s.input_ids)
         ids[b, :n] = torch.tensor(s.input_ids)
-        labels[b, s.prompt_len:n] = ids[b, s.prompt_len:n]
+        for start, end in s.label_spans():
+            labels[b, start:end] = ids[b, start:end]
         mask[b, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

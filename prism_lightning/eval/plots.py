@@ -44,14 +44,13 @@ def plot_score_distributions(scores: dict[str, torch.Tensor], harmful: torch.Ten
 
 def plot_roc(scores: dict[str, torch.Tensor], harmful: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """ROC curves of ``-score`` as a detector of harmful rows, one line per mode."""
-    from torchmetrics.functional.classification import binary_auroc, binary_roc
+    from prism_lightning.eval.ranking import auroc, roc
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    target = harmful.long()
     for mode, s in scores.items():
-        fpr, tpr, _ = binary_roc(-s.double(), target)
-        auc = float(binary_auroc(-s.double(), target))
+        fpr, tpr = roc(-s, harmful)
+        auc = auroc(-s, harmful)
         ax.plot(fpr.numpy(), tpr.numpy(), label=f"{mode} ({auc:.2f})", lw=1.2)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate")

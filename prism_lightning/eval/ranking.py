@@ -1,26 +1,40 @@
-"""How well a ranking finds known harmful rows: AUROC, precision@k, recall (torchmetrics)."""
+"""How well a ranking finds known harmful rows: AUROC and ROC (torchmetrics), precision@k, recall."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 
-def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` as a detector of ``positive`` rows (Mann-Whitney U).
+@contextmanager
+def float64_rates():
+    """torchmetrics divides integer counts into rates in the default dtype (float32, an AUROC off by ~1e-7):
+    float64 while it computes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
-    One sort and a few per-row integers: ``(sum of the positives' ranks - P (P + 1) / 2) / (P N)`` with
-    tied scores given their average rank, which equals the trapezoidal ROC area.
-    """
-    positive = positive.bool()
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    values, order = torch.sort(scores.double(), stable=True)
-    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
-    del values
-    ends = torch.cumsum(counts, 0).double()  # rank of the last row of each group of tied scores
-    average = ends - (counts.double() - 1) / 2
-    rank_sum = float(average[inverse][positive[order]].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` as a detector of ``positive`` rows (``binary_auroc``, exact: every
+    score is a threshold, tied scores count half)."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    with float64_rates():
+        return float(binary_auroc(scores.double(), positive.long()))
+
+
+def roc(scores: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """False and true positive rates of ``scores`` as a detector of ``positive`` rows (``binary_roc``)."""
+    from torchmetrics.functional.classification import binary_roc
+
+    with float64_rates():
+        fpr, tpr, _ = binary_roc(scores.double(), positive.long())
+    return fpr, tpr
 
 
 def harm_metrics(scores: torch.Tensor, harmful: torch.Tensor, k: int) -> dict[str, float]:

@@ -148,7 +148,7 @@ class GradientFeatureModule(L.LightningModule):
                 "adapter_path": str(folder), "adapter_sha256": info["adapter_sha256"], "epoch": epoch,
                 "lr_mean": info["lr_mean"], "dataset_fingerprint": dm.fingerprint(split),
                 "source_sha256": dm.source_digest(split), "source": dm.source_record(split),
-                "columns": asdict(dm.columns), "tokenization": dm.tokenization(),
+                "columns": asdict(dm.columns_of(split)), "tokenization": dm.tokenization(),
                 "projection": proj,
                 "preconditioner": self.preconditioner[split], **self.curvature_settings(folder, info, split),
                 "normalize": self.normalize,

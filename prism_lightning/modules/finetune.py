@@ -6,7 +6,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prism_lightning.callbacks.adapter_checkpoint import save_trainable
 from prism_lightning.callbacks.reselection import PrismReselection
@@ -42,11 +41,11 @@ class FinetuneModule(SFTModule):
 
     def configure_callbacks(self):
         """Lightning checkpoints (for ``--ckpt_path last``) go under ``<output_dir>/<run_name>/lightning/``,
-        when the trainer checkpoints at all (the pipeline's fine-tunes do not)."""
+        when the trainer checkpoints at all (the pipeline's fine-tunes do not) and the user configured no
+        ``ModelCheckpoint`` of their own."""
         if not self.trainer.checkpoint_callbacks:
-            return []
-        return [ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.run_name / "lightning"),
-                                filename="{epoch}", save_last=True, save_top_k=-1, every_n_epochs=1)]
+            return super().configure_callbacks()
+        return [*super().configure_callbacks(), *self.checkpoint_callbacks()]
 
     def on_train_end(self) -> None:
         weights = gather_trainable(self.model)  # collective under FSDP: every rank takes part
@@ -54,7 +53,7 @@ class FinetuneModule(SFTModule):
             return
         folder = Path(self.output_dir) / self.run_name
         with atomic_folder(folder / "adapter") as tmp:
-            save_trainable(self.model, weights, tmp)
+            save_trainable(self.model, weights, tmp, self.tokenizer)
         if self.save_merged and self.lora_args.enabled:
             with atomic_folder(folder / "merged") as tmp:
                 merge_adapter(self.model_args, folder / "adapter", tmp)

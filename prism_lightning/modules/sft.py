@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from torchmetrics import MeanMetric
 
 from prism_lightning.config import FSDPArgs, LoraArgs, ModelArgs, OptimArgs, plain
@@ -16,18 +18,6 @@ from prism_lightning.influence.objective import mean_logprob
 from prism_lightning.io import atomic_write_text
 from prism_lightning.modeling import build_model, load_tokenizer, trainable_named_parameters
 from prism_lightning.sharding import shard_from_rank0, shard_model
-
-
-def linear_schedule(total_steps: int, warmup_ratio: float):
-    """LR multiplier: linear rise over ``warmup_ratio * total`` steps, then linear decay to 0."""
-    warm = int(round(warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return factor
 
 
 class SFTModule(L.LightningModule):
@@ -74,6 +64,19 @@ class SFTModule(L.LightningModule):
         self._tokenizer = None
         self.strict_loading = False
 
+    def user_checkpointing(self) -> bool:
+        """Whether the trainer was given a ``ModelCheckpoint`` by the user (it is then theirs to configure)."""
+        given = getattr(self.trainer, "init_kwargs", {}).get("callbacks") or []
+        return any(isinstance(c, ModelCheckpoint) for c in (given if isinstance(given, list) else [given]))
+
+    def checkpoint_callbacks(self) -> list:
+        """The Lightning checkpoints of this stage (for ``--ckpt_path last``) under ``<output_dir>/<stage_dir>/
+        lightning/``, one per epoch and ``last.ckpt``; none when the user configured a ``ModelCheckpoint``."""
+        if self.user_checkpointing():
+            return []
+        return [ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.stage_dir / "lightning"), filename="{epoch}",
+                                save_last=True, save_top_k=-1, every_n_epochs=1)]
+
     def last_checkpoint(self) -> Path | None:
         """This run's Lightning ``last.ckpt`` (``<output_dir>/<stage_dir>/lightning/``), if there is one."""
         path = Path(self.output_dir) / self.stage_dir / "lightning" / "last.ckpt"
@@ -102,7 +105,6 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.row_loss(batch).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
     # ----- evaluation ----------------------------------------------------------------------
@@ -174,12 +176,21 @@ class SFTModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
+        """AdamW and ``transformers``' schedule (``optim.schedule``: rise over ``warmup_ratio`` of the steps, then
+        linear decay, cosine decay or constant), stepped every optimizer step, as the Hugging Face ``Trainer``."""
+        from transformers import get_scheduler
+
         params = list(trainable_named_parameters(self.model).values())
         o = self.optim_args
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, o.warmup_ratio))
+        sched = get_scheduler(o.schedule, opt, num_warmup_steps=math.ceil(o.warmup_ratio * total),
+                              num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        """The learning rate logged every step (``LearningRateMonitor``) when the trainer has a logger."""
+        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"model.{n}" for n in trainable_named_parameters(self.model)}

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prism_lightning.callbacks.adapter_checkpoint import ReferenceCheckpoint
 from prism_lightning.context import StageContext
@@ -29,10 +26,8 @@ class WarmupModule(SFTModule):
         self.force = force
 
     def configure_callbacks(self):
-        return [ReferenceCheckpoint(self.stage_dir, force=self.force),
-                ModelCheckpoint(dirpath=str(Path(self.output_dir) / self.stage_dir / "lightning"),
-                                filename="{epoch}", save_last=True, save_top_k=-1,
-                                every_n_epochs=1)]
+        return [*super().configure_callbacks(), ReferenceCheckpoint(self.stage_dir, force=self.force),
+                *self.checkpoint_callbacks()]
 
 
 # ----- as a pipeline stage ---------------------------------------------------------------------------------
