@@ -33,6 +33,7 @@ import prism_lightning.modules  # noqa: F401  (registers WarmupModule, GradientF
 from prism_lightning.data.datamodule import PrismDataModule
 from prism_lightning.errors import DataFormatError, LockedError, ProvenanceError, SettingsError, WriteError
 from prism_lightning.io import run_lock
+from prism_lightning.quiet import configure
 from prism_lightning.stages import LIGHTNING_COMMANDS, STAGES, standalone_commands
 from prism_lightning.trainer import PrismTrainer
 
@@ -118,7 +119,8 @@ def usage() -> str:
               f"  {', '.join(LIGHTNING_COMMANDS):<30} Lightning's, with a stage's module as --model",
               *(f"  {name:<14} {spec.summary}" for name, spec in standalone_commands().items()),
               *(f"  {spec.command:<14} {spec.summary}" for spec in STAGES.values() if spec.kind == "trainer"),
-              "", "errors a user can fix print one line and exit 2 (--debug: the traceback); SIGTERM exits 143"]
+              "", "errors a user can fix print one line and exit 2 (--debug: the traceback); SIGTERM exits 143;",
+              "--verbose shows the libraries' own messages (Lightning, transformers, datasets, ...)"]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +187,10 @@ def main(args: list[str] | None = None, run: bool = True):
     if "--debug" in argv:
         argv.remove("--debug")
         os.environ["PRISM_DEBUG"] = "1"
+    verbose = "--verbose" in argv
+    if verbose:
+        argv.remove("--verbose")
+    configure(verbose)
     if not rest or rest[0] in ("-h", "--help"):
         sys.stdout.write(usage())
         return None

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from prism_lightning.config import DataArgs, Experiment, LoraArgs, PipelineArgs, plain
 from prism_lightning.errors import StageMismatchError
+from prism_lightning.progress import Progress
 from prism_lightning.provenance import Manifest, plain_json
 from prism_lightning.ranks import is_rank0
 
@@ -129,6 +130,8 @@ class StageContext:
     lora: LoraArgs | None = None
     identities: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)
+    progress: Progress = field(default_factory=lambda: Progress(0, enabled=False))
+    sizes: dict = field(default_factory=dict)
 
     @property
     def version(self) -> str:

@@ -26,17 +26,19 @@ from prism_lightning.context import Stage, StageContext, data_settings
 from prism_lightning.data.formats import load_pairs, load_sft
 from prism_lightning.data.targets import noisy_targets
 from prism_lightning.errors import DataFormatError
+from prism_lightning.influence.preconditioners import needs_fit
+from prism_lightning.progress import Progress
 from prism_lightning.ranks import barrier
 from prism_lightning.report import write_report
 from prism_lightning.stages import pipeline_stages
 
 
-def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) -> None:
+def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) -> dict[str, dict]:
     """Check every experiment before any compute; raise one ``SettingsError`` listing every problem.
 
     Each experiment's folder must lie inside ``root``; its pool, targets and clean pool must parse;
     its budget must select at least one row; its skill must be in the pool and, when it is
-    fine-tuned, in the held-out rows its metric is measured on.
+    fine-tuned, in the held-out rows its metric is measured on. Returns each experiment's row counts.
     """
     problems, parsed = [], {}
 
@@ -72,15 +74,39 @@ def validate(args: PipelineArgs, root: Path, datamodule: L.LightningDataModule) 
             problems.append(f"{where}: its metric {exp.metric!r} is measured on held-out rows of subtask "
                             f"{exp.subtask!r}, and {source} has none; add them or set finetune: false")
     refuse("pipeline", problems)
+    return {exp.name: {"pool": len(rows(exp.pool, False)), "pairs": len(rows(exp.target, True)),
+                       "clean": len(rows(exp.clean_pool, False)) if exp.clean_pool else 0} for exp in args.experiments}
+
+
+def units(exp: Experiment, args: PipelineArgs) -> int:
+    """The progress bar's stages of one experiment and seed (every fine-tune is one)."""
+    stages = 4 if needs_fit(exp.pool_preconditioner or args.pool_preconditioner) else 3
+    if not exp.finetune:
+        return stages
+    runs = len(args.modes) + 2 + (exp.kind == "repair" and bool(exp.clean_pool))
+    return stages + runs + bool(exp.reselect_every and "prism" in args.modes)
+
+
+def detail(ctx: StageContext, name: str) -> str:
+    """What a stage of ``ctx`` works on, for its progress line."""
+    size, a = ctx.sizes, ctx.args
+    warm = max(1, round(ctx.datamodule.warmup_fraction * size["pool"]))
+    return {"warmup": f"{warm} rows x {a.warmup_epochs} epoch{'s' * (a.warmup_epochs != 1)}",
+            "curvature": f"{warm} rows x 2 passes x {a.warmup_epochs} checkpoints",
+            "features": f"{size['pool']} pool rows + {size['pairs']} pairs x {a.warmup_epochs} checkpoints",
+            "select": f"{size['pool']} rows, {len(a.modes)} modes"}.get(name, "")
 
 
 def run_pipeline(trainer: L.Trainer, model, datamodule: L.LightningDataModule, output_dir: str | None,
                  args: PipelineArgs, force: bool = False) -> dict:
     """Run every experiment x seed; write ``report.json``, ``report.md`` and ``report.html`` under ``output_dir``."""
     root = Path(output_dir or model.output_dir)
-    validate(args, root, datamodule)
-    results = [run_experiment(trainer, model, datamodule, root / exp.name / f"seed-{seed}", exp, seed, args, force)
+    sizes = validate(args, root, datamodule)
+    progress = Progress(sum(units(exp, args) for exp in args.experiments) * len(args.seeds))
+    results = [run_experiment(trainer, model, datamodule, root / exp.name / f"seed-{seed}", exp, seed, args, force,
+                              progress, sizes[exp.name])
                for exp in args.experiments for seed in args.seeds]
+    progress.close()
     report = {"package_version": __version__, "settings": json.loads(json.dumps(asdict(args), default=str)),
               "model": asdict(model.model_args), "lora": asdict(model.lora_args), "results": results}
     write_report(root, report)
@@ -88,7 +114,8 @@ def run_pipeline(trainer: L.Trainer, model, datamodule: L.LightningDataModule, o
 
 
 def experiment_context(trainer: L.Trainer, model, datamodule: L.LightningDataModule, root: Path, exp: Experiment,
-                       seed: int, args: PipelineArgs, force: bool) -> StageContext:
+                       seed: int, args: PipelineArgs, force: bool, progress: Progress | None = None,
+                       sizes: dict | None = None) -> StageContext:
     """What every stage of one experiment and seed shares: its data settings and its identity."""
     target = exp.target
     if exp.target_noise:
@@ -97,13 +124,15 @@ def experiment_context(trainer: L.Trainer, model, datamodule: L.LightningDataMod
     base = {"experiment": asdict(exp), "seed": seed, "model": asdict(model.model_args),
             "lora": asdict(model.lora_args), "optim": asdict(model.optim_args), "data": data}
     return StageContext(trainer, model, datamodule, args, exp, seed, root, force, data, base,
-                        lora=replace(model.lora_args, init_seed=seed))  # the seed also varies the LoRA init
+                        lora=replace(model.lora_args, init_seed=seed),  # the seed also varies the LoRA init
+                        progress=progress or Progress(0, enabled=False), sizes=sizes or {})
 
 
 def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule, root: Path, exp: Experiment,
-                   seed: int, args: PipelineArgs, force: bool) -> dict:
+                   seed: int, args: PipelineArgs, force: bool, progress: Progress | None = None,
+                   sizes: dict | None = None) -> dict:
     """The pipeline's stages (``stages.STAGES``, in order) for one experiment and seed; its numbers for the report."""
-    ctx = experiment_context(trainer, model, datamodule, root, exp, seed, args, force)
+    ctx = experiment_context(trainer, model, datamodule, root, exp, seed, args, force, progress, sizes)
     seconds, found = {}, {}
     for spec in pipeline_stages():
         if spec.needed is not None and not spec.needed(ctx):
@@ -112,7 +141,8 @@ def run_experiment(trainer: L.Trainer, model, datamodule: L.LightningDataModule,
             spec.run(ctx)
         else:
             ctx.identities[spec.name] = spec.identity(ctx)
-            with Stage(root / spec.folder, ctx.identities[spec.name], force) as st:
+            with Stage(root / spec.folder, ctx.identities[spec.name], force) as st, \
+                    ctx.progress.stage(f"{ctx.version} {spec.name}", detail(ctx, spec.name), st.todo):
                 if st.todo:
                     spec.run(ctx)
             seconds[spec.name] = st.seconds

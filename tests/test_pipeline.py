@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from conftest import write_jsonl
@@ -213,3 +214,33 @@ def test_report_html_renders_in_headless_chromium(full_run):
     shot = full_run / "report.png"
     headless(chromium(), f"--screenshot={shot}", "--window-size=1280,1800", url)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_a_run_prints_its_stages_and_nothing_else(fast_data, tmp_path):
+    """The CLI in a fresh process, as a user starts it: stderr holds a start and an end line per stage (with the
+    stages done, elapsed and time left), no library's tips, summaries, bars or warnings; --verbose brings them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "PRISM_DEBUG"} | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "prism_lightning", *pipeline_args(fast_data, tmp_path / "quiet"),
+           "--pipeline.modes", "[prism,random]"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    stages = ["warmup", "features", "select", *(f"finetune/{r}" for r in ("prism", "random", "full", "oracle",
+                                                                          "base"))]
+    assert len(lines) == 2 * len(stages), lines
+    for i, stage in enumerate(stages):
+        start, end = lines[2 * i: 2 * i + 2]
+        assert start.startswith(f"repair_fast/seed-0 {stage}: ") and "done in" not in start, start
+        assert re.fullmatch(rf"repair_fast/seed-0 {stage}: done in [\d.]+ s \[{i + 1}/{len(stages)} stages, "
+                            r"\d:\d\d:\d\d elapsed, ~\d:\d\d:\d\d left\]", end), end
+    assert out.stdout.strip().startswith("report: ")
+    loud = [c if c != str(tmp_path / "quiet") else str(tmp_path / "loud") for c in cmd]
+    loud = subprocess.run([*loud, "--verbose"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0 and "GPU available" in loud.stderr  # the libraries' messages are back

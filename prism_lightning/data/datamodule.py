@@ -42,6 +42,8 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
     def __post_init__(self) -> None:
         DataArgs.__post_init__(self)
         L.LightningDataModule.__init__(self)
+        # prediction gives each rank whole shards: a rank may have no batch of a (checkpoint, split) pass
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.predict_plan: list[PredictTask] | None = None
         self.train_rows: list[int] | None = None
         self._tok = None

@@ -112,6 +112,7 @@ class ShardBatches(IterableDataset):
                  max_tokens: int | None = None):
         self.dataset, self.collate, self.shards = dataset, collate, shards
         self.shard_size, self.batch_size, self.max_tokens = shard_size, batch_size, max_tokens
+        self._length: int | None = None
 
     def _batches(self):
         for s in self.shards:
@@ -123,8 +124,12 @@ class ShardBatches(IterableDataset):
             for start in range(rows.start, rows.stop, self.batch_size):
                 yield list(range(start, min(start + self.batch_size, rows.stop)))
 
-    # No __len__ on purpose: Lightning would all-reduce every loader's length across ranks, and
-    # ranks may hold different numbers of batches.
+    def __len__(self) -> int:
+        """The number of batches (so a progress bar shows its total); ranks may hold different numbers, which
+        prediction allows (every rank runs the same loaders, each to its own length)."""
+        if self._length is None:
+            self._length = sum(1 for _ in self._batches())
+        return self._length
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

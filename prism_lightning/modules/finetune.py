@@ -89,7 +89,8 @@ def run(ctx: StageContext) -> None:
         data = dict(ctx.data, **run_data)
         every = ctx.exp.reselect_every if name == "prism_reselect" else None
         with Stage(folder, dict(ctx.base, data=data, epochs=epochs, lr=ctx.args.finetune_lr,
-                                **({"reselect_every": every} if every else {})), ctx.force) as st:
+                                **({"reselect_every": every} if every else {})), ctx.force) as st, \
+                ctx.progress.stage(f"{ctx.version} finetune/{name}", run_detail(ctx, name, epochs), st.todo):
             if st.todo:
                 L.seed_everything(ctx.seed, verbose=False)
                 module = FinetuneModule(model=ctx.model.model_args, lora=ctx.lora, optim=optim,
@@ -108,6 +109,17 @@ def run(ctx: StageContext) -> None:
         out[name] |= {"exact_match_all": metrics.get(M.metric_key(M.EXACT_MATCH), float("nan")),
                       "seconds": st.seconds if epochs else float("nan")}
     ctx.results["finetune"] = out
+
+
+def run_detail(ctx: StageContext, name: str, epochs: int) -> str:
+    """What a fine-tune trains on, for its progress line."""
+    if not epochs:
+        return "evaluated without training"
+    size, exp = ctx.sizes, ctx.exp
+    budget = int(exp.fraction * size.get("pool", 0) + 1e-9)
+    rows = {"full": size.get("pool"), "oracle": size.get("clean")}.get(
+        name, budget if exp.kind == "forward" else size.get("pool", 0) - budget)
+    return f"{rows} rows x {epochs} epoch{'s' * (epochs != 1)}, then evaluated"
 
 
 def needed(ctx: StageContext) -> bool:
