@@ -54,7 +54,7 @@ def _environments():
     from markupsafe import Markup
 
     def inline_md(text: str) -> Markup:
-        out = html.escape(text)  # escaped first: only the verdicts' own **bold** and `code` become markup
+        out = html.escape(text.removeprefix("- "))  # escaped first: only the verdicts' own **bold** and `code`
         out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
         return Markup(re.sub(r"`(.+?)`", r"<code>\1</code>", out))
 

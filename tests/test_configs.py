@@ -7,6 +7,7 @@ LoRA size as the formula gives, and the decoder layers FSDP shards one by one.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from prism_lightning import cli as cli_module
 from prism_lightning.cli import main, parse_settings
 from prism_lightning.stages import LIGHTNING_COMMANDS, STAGES, standalone_commands
 from prism_lightning.trainer import PrismTrainer
@@ -55,6 +57,8 @@ def run_config(path: Path, monkeypatch) -> tuple:
     else:  # a Lightning command: record the trainer call
         monkeypatch.setattr(PrismTrainer, sub, lambda self, model, datamodule=None, **kw: calls.append(
             {"model": model, "datamodule": datamodule, **kw}))
+    # the recorder runs nothing, so it takes no lock (which would create the config's output folder here)
+    monkeypatch.setattr(cli_module, "run_lock", lambda folder: contextlib.nullcontext(folder))
     args = [sub, "--config", str(path)]
     if "accelerator: gpu" in path.read_text() and not torch.cuda.is_available():
         args += ["--trainer.accelerator", "cpu"]  # GPU configs still parse and build their objects

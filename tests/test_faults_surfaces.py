@@ -414,7 +414,13 @@ def test_report_escapes_what_the_data_holds(tmp_path):
         assert raw not in page.split('id="prism-data">')[1].split("</script>")[0]
     md = Path(out["report_md"]).read_text()
     assert "<img src=x" not in md and "&lt;img src=x onerror=alert(7)&gt;" in md
+    from test_pipeline import chromium, headless
 
+    if chromium() is None:
+        pytest.skip("no Chromium for the rendering half (Debian: apt-get install chromium)")
+    dom = headless(chromium(), "--dump-dom", Path(out["report_html"]).as_uri())
+    assert 'data-rendered="yes"' in dom and dom.count("<tr data-row=") == len(PAYLOADS)  # the script ran, all rows
+    assert "<img src=x" not in dom and "&lt;img src=x onerror=alert(7)&gt;" in dom  # shown as text
 
 # ----- failures named in one line ------------------------------------------------------------------------
 @pytest.mark.slow

@@ -157,9 +157,10 @@ def test_store_readable_without_project_code(warmed, small_data, tmp_path):
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes_equal_single(warmed, small_data, tmp_path):
+@pytest.mark.parametrize("shard_size", ["16", "64"])  # 64: one shard per store, so rank 1 predicts nothing
+def test_ddp_two_processes_equal_single(warmed, small_data, tmp_path, shard_size):
     common = ["--model.init_args.checkpoint_dir", str(warmed / "warmup"), "--data.pool", str(small_data["pool"]),
-              "--data.target", str(small_data["target_pairs"]), "--data.shard_size", "16",
+              "--data.target", str(small_data["target_pairs"]), "--data.shard_size", shard_size,
               "--data.eval_batch_size", "5", "--model.init_args.projection.dim", "256"]
     for name, extra in (("single", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
         run_cli(["predict", "--config", "configs/tiny/features.yaml", "--model.init_args.output_dir",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 
 import pytest
 from conftest import write_jsonl
@@ -214,6 +216,8 @@ def test_report_html_renders_in_headless_chromium(full_run):
     shot = full_run / "report.png"
     headless(chromium(), f"--screenshot={shot}", "--window-size=1280,1800", url)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    if os.environ.get("PRISM_SCREENSHOT"):  # how docs/report.png (the README's picture) is made
+        shutil.copyfile(shot, os.environ["PRISM_SCREENSHOT"])
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ class CurvatureModule(L.LightningModule):
         self.plan: list[PredictTask] = []
         self.eigen: dict[str, dict] = {}
         self.tokens: dict[str, float] = {}
+        self.acc: dict = {}
         self._active: str | None = None
 
     def rows_record(self, dm) -> dict:
@@ -106,28 +107,38 @@ class CurvatureModule(L.LightningModule):
             load_adapter_weights(self.model, self.checkpoints[tag][1], self.device)
             self._active = tag
 
+    def accumulators(self) -> dict:
+        """This phase's sums per planned checkpoint, zero until a batch adds to them."""
+        if not self.acc:
+            if self.phase == "covariance":
+                self.acc = {tag: C.Covariances(self.layers) for tag in self.todo}
+            else:
+                self.acc = {tag: C.Lambdas(self.layers, self.eigen[tag]) for tag in self.todo}
+        return self.acc
+
     def on_predict_start(self) -> None:
         self.trainer.predict_loop.return_predictions = False
-        # every rank holds a zero sum per planned checkpoint, so the reductions line up even without batches
-        if self.phase == "covariance":
-            self.acc = {tag: C.Covariances(self.layers) for tag in self.todo}
-        else:
-            self.acc = {tag: C.Lambdas(self.layers, self.eigen[tag]) for tag in self.todo}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.plan[dataloader_idx]
         self.activate(task.tag)
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        with self.acc[task.tag] as acc:
+        with self.accumulators()[task.tag] as acc:
             acc.step(self.model, batch)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+        if self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t.to(self.trainer.strategy.root_device), reduce_op="sum")
 
-    def on_predict_epoch_end(self) -> None:
+    def teardown(self, stage: str) -> None:
+        """Sum every rank's part and write the factors. ``teardown`` rather than an epoch-end hook: Lightning skips
+        the prediction loop, hooks included, of a rank without batches, but tears down every rank once prediction
+        succeeded, so every rank joins the reductions (a rank without batches adds zeros)."""
+        if stage != "predict" or not self.todo:
+            return
         strategy = self.trainer.strategy
-        for tag in self.todo:
-            acc = self.acc[tag]
+        for tag, acc in self.accumulators().items():
             if self.phase == "covariance":
                 sums = {n: {k: self._reduce(v) for k, v in parts.items()} for n, parts in acc.sums.items()}
                 tokens = float(self._reduce(acc.tokens))

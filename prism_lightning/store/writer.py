@@ -14,7 +14,10 @@ class FeatureStoreWriter(BasePredictionWriter):
     """Buffers rows per (checkpoint, split, shard) and writes each shard once all its rows are in.
 
     Each rank writes only the shards it computed; at the end rank 0 marks every store whose
-    shards are all present ``complete`` in its manifest (after a barrier).
+    shards are all present ``complete`` in its manifest (after a barrier). The end is the ``teardown`` hook:
+    Lightning skips a rank's whole prediction loop (and its epoch-end hooks) when that rank has no batch (fewer
+    shards to do than ranks), but calls ``teardown`` on every rank once prediction succeeded, so the ranks'
+    barriers stay paired.
     """
 
     def __init__(self, stores: dict):
@@ -40,13 +43,15 @@ class FeatureStoreWriter(BasePredictionWriter):
             write_shard(out, shard, {k: v[order] for k, v in merged.items()})
             del self._buffers[(key, shard)]
 
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict":
+            return
         if self._buffers:
             raise RuntimeError(f"prediction ended with partial shards {sorted(k[1] for k in self._buffers)}")
         trainer.strategy.barrier("feature-store")
-        if not trainer.is_global_zero:
-            return
-        for out, settings in self.stores.values():
-            total = -(-settings["rows"] // settings["shard_size"])
-            if len(complete_shards(out, total)) == total:
-                mark_complete(out, settings, total)
+        if trainer.is_global_zero:
+            for out, settings in self.stores.values():
+                total = -(-settings["rows"] // settings["shard_size"])
+                if len(complete_shards(out, total)) == total:
+                    mark_complete(out, settings, total)
+        trainer.strategy.barrier("feature-store-complete")  # no rank reads a store before it is marked
