@@ -44,6 +44,8 @@ def kind(command: str) -> str:
         return "launch"
     if re.match(r"(bash|\.venv-peers/bin/python) tools/bench/", last):
         return "bench"
+    if re.match(r"(\.venv/bin/)?python tools/evidence/", last):
+        return "evidence"  # reads a finished evidence run
     if last.startswith("bash tools/ops/install.sh"):
         return "install"
     return "unknown"
@@ -75,7 +77,7 @@ def test_every_cli_command_parses(command, tmp_path):
     assert out.returncode == 0, (command, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize("command", [c for _, c in commands() if kind(c) in ("launch", "bench", "pytest")],
+@pytest.mark.parametrize("command", [c for _, c in commands() if kind(c) in ("launch", "bench", "pytest", "evidence")],
                          ids=lambda c: c[:80])
 def test_launchers_benchmarks_and_test_commands_name_what_exists(command):
     words = shlex.split(command)

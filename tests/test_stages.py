@@ -47,7 +47,8 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
         return {"report_md": "none", "report_html": "none"}
 
     monkeypatch.setattr(pipeline, "run_pipeline", record)
-    main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--trainer.accumulate_grad_batches", "4",
+    main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--output_dir", str(tmp_path / "run"),
+          "--trainer.accumulate_grad_batches", "4",
           "--trainer.gradient_clip_val", "0.5", "--trainer.logger", "CSVLogger",
           "--trainer.logger.save_dir", str(tmp_path / "logs"),
           "--trainer.callbacks+=LearningRateMonitor", "--data.shuffle", "false",
@@ -133,7 +134,8 @@ def test_pipeline_experiments_parse_from_yaml(tmp_path, monkeypatch):
     exp = {"name": "e", "kind": "repair", "pool": "a.jsonl", "target": "t.jsonl", "subtask": "claim",
            "metric": "unwanted", "pool_preconditioner": "adam", "study": "s"}
     cfg.write_text(json.dumps({"pipeline": {"experiments": [exp], "modes": ["prism", "loss"]}}))
-    main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--config", str(cfg)])
+    main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--config", str(cfg), "--output_dir",
+          str(tmp_path / "run")])
     got = seen["args"].experiments[0]
     assert (got.metric, got.pool_preconditioner, got.study) == ("unwanted", "adam", "s")
     assert seen["args"].modes == ["prism", "loss"] and seen["args"].finetune_batch_size == 4
