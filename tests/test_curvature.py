@@ -11,6 +11,7 @@ beside each checkpoint, refusal of missing or stale factors, and the CLI.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -194,14 +195,20 @@ def test_stage_writes_factors_beside_each_checkpoint_independent_of_batch_size(w
     assert C.factors_record(copy / "warmup" / "epoch-2")["rows"] == 12
 
 
-@pytest.mark.slow
-def test_features_with_ekfac_need_factors_and_name_them(warmed, small_data, tmp_path):
+def warmup_without_factors(warmed: Path, tmp_path: Path) -> Path:
+    """A copy of the shared warmup run (``<tmp>/run/warmup``) with no curvature factors."""
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(warmed / "warmup", copy / "warmup")
     for f in (copy / "warmup").glob("epoch-*/curvature.*"):
         f.unlink()
+    return copy
+
+
+@pytest.mark.slow
+def test_features_with_ekfac_need_factors_and_name_them(warmed, small_data, tmp_path):
+    copy = warmup_without_factors(warmed, tmp_path)
     module = GradientFeatureModule(checkpoint_dir=str(copy / "warmup"), output_dir=str(copy),
                                    projection=ProjectionArgs(kind="none"), pool_preconditioner="ekfac",
                                    normalize=False, damping=0.05)
@@ -247,14 +254,9 @@ def test_features_with_ekfac_need_factors_and_name_them(warmed, small_data, tmp_
 
 @pytest.mark.slow
 def test_curvature_cli_then_ekfac_features(warmed, small_data, tmp_path):
-    import shutil
-
     from prism_lightning.cli import main
 
-    copy = tmp_path / "run"
-    shutil.copytree(warmed / "warmup", copy / "warmup")
-    for f in (copy / "warmup").glob("epoch-*/curvature.*"):
-        f.unlink()
+    copy = warmup_without_factors(warmed, tmp_path)
     data = ["--data.pool", str(small_data["pool"]), "--data.target", str(small_data["target_pairs"]),
             "--data.eval_sft", "null", "--data.eval_pairs", "null", "--data.warmup_fraction", "0.5"]
     main(["curvature", "--config", "configs/tiny/curvature.yaml", "--model.checkpoint_dir", str(copy / "warmup"),

@@ -319,6 +319,17 @@ def test_a_signal_stops_predict_within_a_batch_and_a_rerun_finishes(warmed, tmp_
     assert json.loads((store / "manifest.json").read_text())["complete"]
 
 
+def big_select(tmp_path: Path, modes: str) -> tuple[Path, list[str]]:
+    """Synthetic stores of 200k pool rows (slow enough to interrupt) and the ``select`` command over them."""
+    sys.path.insert(0, str(REPO / "tools" / "bench"))
+    import bench_select_scale
+
+    root = tmp_path / "big"
+    bench_select_scale.write_inputs(root, 200_000, 64, 4096, "bfloat16")
+    return root, [sys.executable, "-m", "prism_lightning", "select", "--features", str(root / "features"),
+                  "--modes", modes, "--selection.plots", "false"]
+
+
 @pytest.mark.slow
 def test_sigterm_stops_curvature_and_select(warmed, tmp_path):
     shutil.copytree(warmed / "warmup", tmp_path / "warmup")
@@ -333,13 +344,7 @@ def test_sigterm_stops_curvature_and_select(warmed, tmp_path):
     assert not list((tmp_path / "warmup").glob("epoch-*/curvature.*"))  # no factor file half-written
     _no_temporaries(tmp_path)
     # select on a large synthetic store: stopped while scoring, nothing half-written, the old selection kept
-    sys.path.insert(0, str(REPO / "tools" / "bench"))
-    import bench_select_scale
-
-    root = tmp_path / "big"
-    bench_select_scale.write_inputs(root, 200_000, 64, 4096, "bfloat16")
-    sel = [sys.executable, "-m", "prism_lightning", "select", "--features", str(root / "features"), "--modes",
-           "[prism,less,loss,random]", "--selection.plots", "false"]
+    root, sel = big_select(tmp_path, "[prism,less,loss,random]")
     proc = _start(sel, tmp_path / "log2")
     _wait_for(proc, lambda: any(root.glob("selection/.prism.tmp-*")))
     proc.send_signal(signal.SIGTERM)
@@ -490,13 +495,7 @@ def test_a_read_only_folder_is_named_before_compute(tmp_path):
 
 @pytest.mark.slow
 def test_two_real_processes_cannot_share_an_output_folder(tmp_path):
-    sys.path.insert(0, str(REPO / "tools" / "bench"))
-    import bench_select_scale
-
-    root = tmp_path / "big"
-    bench_select_scale.write_inputs(root, 200_000, 64, 4096, "bfloat16")
-    sel = [sys.executable, "-m", "prism_lightning", "select", "--features", str(root / "features"), "--modes",
-           "[prism,loss]", "--selection.plots", "false"]
+    root, sel = big_select(tmp_path, "[prism,loss]")
     first = _start(sel, tmp_path / "log")
     try:
         _wait_for(first, lambda: (root / "selection" / ".prism-lock").exists())

@@ -45,10 +45,10 @@ def last_checkpoint(warmup: Path) -> Path:
 
 
 def top_rows(scores: Path, index: dict[str, int], fraction: float) -> list[int]:
-    """Pool indices of a mode's top ``fraction`` by score (rank 0 is the highest), in pool order."""
+    """Pool indices of a mode's top ``fraction`` by score (rank 1 is the highest), in pool order."""
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
     k = max(1, round(fraction * len(rows)))
-    return sorted(index[r["id"]] for r in rows if r["rank"] < k)
+    return sorted(index[r["id"]] for r in rows if r["rank"] <= k)
 
 
 def measure(folder: Path, args: argparse.Namespace) -> dict:
