@@ -21,7 +21,7 @@ class Progress:
     def __init__(self, total: int, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.enabled, self.total, self.done, self.start = enabled and is_rank0(), total, 0, time.time()
+        self.enabled, self.total, self.done, self.ran, self.start = enabled and is_rank0(), total, 0, 0, time.time()
         tty = self.enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, unit="stage", file=sys.stderr, disable=not tty, dynamic_ncols=True,
                         bar_format="pipeline {n_fmt}/{total_fmt} stages |{bar}| {elapsed} elapsed, ~{remaining} left")
@@ -30,24 +30,26 @@ class Progress:
         if self.enabled:
             self.bar.write(line, file=sys.stderr)
 
-    def _advance(self) -> str:
+    def _advance(self, ran: bool) -> str:
+        """The end line's counts; the time left extrapolates from the stages that ran (kept ones take no time)."""
         self.done += 1
+        self.ran += ran
         self.bar.update(1)
         elapsed = time.time() - self.start
-        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        return f"[{self.done}/{self.total} stages, {_clock(elapsed)} elapsed, ~{_clock(left)} left]"
+        left = _clock(elapsed / self.ran * (self.total - self.done)) if self.ran else "?"
+        return f"[{self.done}/{self.total} stages, {_clock(elapsed)} elapsed, ~{left} left]"
 
     @contextmanager
     def stage(self, label: str, detail: str, todo: bool = True):
         if not todo:
             yield
-            self.write(f"{label}: done before, kept {self._advance()}")
+            self.write(f"{label}: done before, kept {self._advance(ran=False)}")
             return
         start = time.time()
         self.write(f"{label}: {detail}")
         yield
         seconds = time.time() - start
-        self.write(f"{label}: done in {seconds:.1f} s {self._advance()}")
+        self.write(f"{label}: done in {seconds:.1f} s {self._advance(ran=True)}")
 
     def close(self) -> None:
         self.bar.close()
