@@ -7,6 +7,7 @@ A Lightning strategy can be given for the broadcast and the barrier (``Ranks.of(
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,16 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def join_launched_group() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment and no process group yet), join the launched
+    processes' group, with gloo (the selection is CPU work); True if this call created it (the caller destroys
+    it). Without it every process would run the whole selection alone."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("gloo")
+    return True
 
 
 def blocks(sizes: list[int], world: int) -> list[range]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from prism_lightning.config import (
     Columns,
@@ -54,7 +55,7 @@ from prism_lightning.influence.scoring import (
 from prism_lightning.influence.selection import budget, choose, rank_order, ranks
 from prism_lightning.io import atomic_file, atomic_folder, atomic_write_text, file_sha256, json_digest, run_lock
 from prism_lightning.provenance import Manifest
-from prism_lightning.ranks import Ranks, blocks
+from prism_lightning.ranks import Ranks, blocks, join_launched_group
 from prism_lightning.store.feature_store import FeatureStore
 
 if TYPE_CHECKING:
@@ -410,6 +411,15 @@ def select_command(cmd: SelectArgs) -> dict:
     """``python -m prism_lightning select``: the stores' settings, the pool and targets they were made from (or
     the ones given, checked), every mode scored and written. Runs on one process or under ``torchrun``; rank 0
     holds the output folder's lock from the start (a second run into it is refused before any work)."""
+    created = join_launched_group()
+    try:
+        return _select(cmd)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _select(cmd: SelectArgs) -> dict:
     ranks = Ranks.current()
     out = Path(cmd.output_dir) if cmd.output_dir else Path(cmd.features).parent / "selection"
     with run_lock(out) if ranks.is_zero else nullcontext():

@@ -169,6 +169,7 @@ def test_select_under_torchrun_equals_one_process(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("prism: ") == 1, out.stdout  # one group: rank 0 alone reports (not 2 lone runs)
     for mode in ("prism", "less", "loss"):
         for name in FILES:
             one, two = tmp_path / "one" / mode / name, tmp_path / "two" / mode / name
