@@ -79,20 +79,27 @@ def directions(modes: Sequence[str], chosen: torch.Tensor, rejected: torch.Tenso
 
 
 @contextmanager
-def moved(params: list[nn.Parameter], delta: torch.Tensor) -> Iterator[None]:
-    """``params + delta`` (a flat vector) inside the block; the original values after it."""
+def restored(params: list[nn.Parameter]) -> Iterator[None]:
+    """Whatever the block does to ``params``, their original values after it."""
     saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        offset = 0
-        for p in params:
-            p.add_(delta[offset:offset + p.numel()].view_as(p).to(p.dtype))
-            offset += p.numel()
     try:
         yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+@contextmanager
+def moved(params: list[nn.Parameter], delta: torch.Tensor) -> Iterator[None]:
+    """``params + delta`` (a flat vector) inside the block; the original values after it."""
+    with restored(params):
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.add_(delta[offset:offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+        yield
 
 
 def slope(model: nn.Module, held: tuple[Sequence, Sequence], d: torch.Tensor, pad_id: int) -> float:
@@ -115,18 +122,13 @@ def train_gain(model: nn.Module, rows: Sequence, held: tuple[Sequence, Sequence]
                batch_size: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> float:
     """``M`` after one epoch of AdamW (no weight decay) over ``rows`` in their order, minus ``M`` before."""
     params = lora_parameters(model)
-    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         before = float(margin(model, *held, pad_id))
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    try:
+    with restored(params):
         for s in range(0, len(rows), batch_size):
             opt.zero_grad()
             (-row_lbar(model, rows[s:s + batch_size], pad_id).mean()).backward()
             opt.step()
         with torch.no_grad():
             return float(margin(model, *held, pad_id)) - before
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
