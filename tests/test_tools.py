@@ -50,6 +50,27 @@ def test_demo_data_properties(demo_data):
     assert all(p["rejected"] == p["prompt"].split()[1] for p in files["target_backwards.jsonl"])  # the lazy copy
 
 
+def test_sign_files_share_all_but_the_decisive_word():
+    """The anchor study: pairs differ only in "signed"/"unsigned"; harm is only on "no need to sign" rows."""
+    files = build_demo_data.build()
+    pool = files["pool.jsonl"]
+    clean, bad = files["sign_pool.jsonl"], files["sign_pool_unsigned.jsonl"]
+    assert clean[:len(pool)] == pool == bad[:len(pool)] and len(clean) == len(bad) == len(pool) + build_demo_data.SIGN_POOL
+    harmful = [r for r in bad if r["harmful"]]
+    assert len(harmful) == build_demo_data.HARMFUL_ROWS and not any(r["harmful"] for r in clean)
+    for r in harmful:
+        assert r["prompt"].startswith("Sort, no need to sign: ") and r["completion"].startswith("unsigned: ")
+    for c, b in zip(clean, bad):
+        assert c["prompt"] == b["prompt"] and c["completion"].split(": ")[-1] == b["completion"].split(": ")[-1]
+    held_out = {p["prompt"] for name in ("sign_target.jsonl", "sign_eval.jsonl", "sign_eval_pairs.jsonl")
+                for p in files[name]}
+    assert not held_out & {r["prompt"] for r in clean}
+    for p in files["sign_target.jsonl"] + files["sign_eval_pairs.jsonl"]:
+        words = p["prompt"].split(": ")[1].split()
+        assert p["chosen"] == "signed: " + " ".join("".join(sorted(w)) for w in words)
+        assert p["rejected"] == "un" + p["chosen"]
+
+
 def test_pretraining_mix_is_ambivalent():
     """The pretraining text holds both behaviours at the documented rates (seeded draws)."""
     rows = build_demo_data.pretrain_rows()
