@@ -55,7 +55,8 @@ def test_sign_files_share_all_but_the_decisive_word():
     files = build_demo_data.build()
     pool = files["pool.jsonl"]
     clean, bad = files["sign_pool.jsonl"], files["sign_pool_unsigned.jsonl"]
-    assert clean[:len(pool)] == pool == bad[:len(pool)] and len(clean) == len(bad) == len(pool) + build_demo_data.SIGN_POOL
+    assert clean[:len(pool)] == pool == bad[:len(pool)]
+    assert len(clean) == len(bad) == len(pool) + build_demo_data.SIGN_POOL
     harmful = [r for r in bad if r["harmful"]]
     assert len(harmful) == build_demo_data.HARMFUL_ROWS and not any(r["harmful"] for r in clean)
     for r in harmful:
