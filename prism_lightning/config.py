@@ -334,6 +334,10 @@ class DataArgs:
     max_tokens_per_batch: int | None = None
     """Feature extraction in batches of similar length: each shard's rows sorted by length and packed up to this
     many padded tokens (a pair counts both answers), at most ``eval_batch_size`` rows; the store is the same."""
+    padding_free: bool = False
+    """Feature extraction packs each batch's rows into one sequence with no padding at all (position ids restart
+    per row; attention stays inside each row: flash-attention's varlen kernels where the model uses them, otherwise
+    one SDPA call per row); per-row gradients are sums over each row's tokens. The store is the same."""
     num_workers: int = 0
     """DataLoader worker processes."""
     shard_size: int = 256

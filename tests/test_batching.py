@@ -80,10 +80,15 @@ def _extract(warmed, data, out, **data_kw):
 
 
 @pytest.mark.slow
-def test_length_bucketed_features_equal_padded(warmed, small_data, tmp_path):
-    dm = _extract(warmed, small_data, tmp_path / "bucketed", eval_batch_size=16, max_tokens_per_batch=96)
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_length_bucketed_features_equal_padded(warmed, small_data, tmp_path, padding_free):
+    """Length-aware batches, and the same packed without padding (``padding_free``), give the padded store."""
+    dm = _extract(warmed, small_data, tmp_path / "bucketed", eval_batch_size=16, max_tokens_per_batch=96,
+                  padding_free=padding_free)
     _extract(warmed, small_data, tmp_path / "padded", eval_batch_size=8)
-    batches = [b["index"].tolist() for b in dm.predict_dataloader()[0]]
+    loaded = list(dm.predict_dataloader()[0])
+    assert all(("position_ids" in b) == padding_free and ("attention_mask" in b) != padding_free for b in loaded)
+    batches = [b["index"].tolist() for b in loaded]
     assert sorted(i for b in batches for i in b) == list(range(len(dm.pool_rows)))
     assert any(b != sorted(b) for b in batches) and len({len(b) for b in batches}) > 1  # really re-batched
     for split, keys in (("pool", ("features", "loss")), ("target", ("chosen", "rejected", "lbar_chosen"))):

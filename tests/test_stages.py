@@ -52,13 +52,13 @@ def test_cli_pipeline_trainer_settings_reach_the_stages(tmp_path, monkeypatch):
           "--trainer.gradient_clip_val", "0.5", "--trainer.logger", "CSVLogger",
           "--trainer.logger.save_dir", str(tmp_path / "logs"),
           "--trainer.callbacks+=LearningRateMonitor", "--data.shuffle", "false",
-          "--data.group_by_length", "true", "--data.max_tokens_per_batch", "512"])
+          "--data.group_by_length", "true", "--data.max_tokens_per_batch", "512", "--data.padding_free", "true"])
     t, dm = seen["trainer"], seen["data"]
     assert t.accumulate_grad_batches == 4 and t.gradient_clip_val == 0.5
     assert isinstance(t.logger, CSVLogger) and t.logger.version == "exp/seed-0/warmup"
     assert any(isinstance(c, LearningRateMonitor) for c in t.callbacks)
     assert dm.shuffle is False and dm.pool == "p.jsonl" and dm.max_length == 64
-    assert dm.group_by_length is True and dm.max_tokens_per_batch == 512
+    assert dm.group_by_length is True and dm.max_tokens_per_batch == 512 and dm.padding_free is True
 
 
 class SwapRows(Callback):

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+import torch
+from conftest import REPO, TOL
 
 sys.path.insert(0, str(REPO / "tools" / "assets"))
 import build_demo_data  # noqa: E402
@@ -118,3 +119,26 @@ def test_gpu_smoke_cpu_dry_run():
     smoke = json.loads(out.stdout.strip().splitlines()[-1])["smoke"]["tiny"]
     assert set(smoke) == {"warmup-qlora", "features-bf16", "warmup-fsdp", "warmup-qlora-fsdp"}
     assert all(r["rows_per_s"] > 0 for r in smoke.values())
+
+
+@pytest.mark.slow
+def test_bench_peers_packed_and_full_logit_cases_agree(tmp_path):
+    """The benchmark's padding-free and full-logits cases score like the padded one (workload S)."""
+    runner = REPO / "tools" / "bench" / "bench_peers" / "run.py"
+    cases = [f"ours:adam+sjlt-1024+tokens{end}" for end in ("", "+packed", "+full_logits")]
+    for case in cases:
+        out = subprocess.run([sys.executable, str(runner), "--case", case, "--workload", "S", "--save", str(tmp_path)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    want = torch.load(tmp_path / f"S-{cases[0].replace(':', '_')}.pt")
+    for case in cases[1:]:  # other attention kernels: equal to fp32 rounding, relative to the scores' scale
+        got = torch.load(tmp_path / f"S-{case.replace(':', '_')}.pt")
+        assert (got - want).abs().max() <= TOL["rtol"] * want.abs().max(), case
+
+
+def test_gpu_check_script_parses():
+    out = subprocess.run(["bash", "-n", "tools/gpu_check.sh"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = (REPO / "tools" / "gpu_check.sh").read_text()
+    for check in ("rademacher", "qlora_smoke", "features_grid", "peers_V", "peers_R", "peers_1B"):
+        assert f"step {check} " in text

@@ -212,14 +212,14 @@ class PrismDataModule(DataArgs, L.LightningDataModule):
         """The dataset and collate function of a prediction split (``pool``, ``target`` or ``warmup``)."""
         self.load()
         pad = self.tok.pad_token_id
-        if split == "pool":
-            return SFTDataset(self.pool_encoded), SFTCollator(pad)
-        if split == "warmup":  # the rows the warmup trains on (the curvature stage fits on them)
+        if split == "pool":  # features: packed without padding when data.padding_free
+            return SFTDataset(self.pool_encoded), SFTCollator(pad, packed=self.padding_free)
+        if split == "warmup":  # the rows the warmup trains on (the curvature stage fits on them, padded)
             return SFTDataset(self.pool_encoded, self.warmup_indices()), SFTCollator(pad)
         if split == "target":
             if not self.target_rows:
                 raise DataFormatError("data.target is not set: target pairs are needed for target features")
-            return PairDataset(*self.target_encoded), PairCollator(pad)
+            return PairDataset(*self.target_encoded), PairCollator(pad, packed=self.padding_free)
         raise ValueError(f"unknown split {split!r}")
 
     def source_digest(self, split: str) -> str:

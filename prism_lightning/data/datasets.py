@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from prism_lightning.data.tokenize import Encoded, pad_batch
+from prism_lightning.data.tokenize import Encoded, pack_batch, pad_batch
 
 
 def token_lengths(encoded, rows: range | None = None) -> list[int]:
@@ -74,13 +74,15 @@ class SFTCollator:
 
     With ``rows`` (evaluation) also each row's ``subtask``, ``prompt_ids`` (the prompt as training tokenizes
     it) and reference ``answer`` text, so a module evaluates a batch without reading the data module's rows.
+    ``packed``: the rows as one sequence without padding (``tokenize.pack_batch``) instead.
     """
 
-    def __init__(self, pad_id: int, rows: list | None = None):
-        self.pad_id, self.rows = pad_id, rows
+    def __init__(self, pad_id: int, rows: list | None = None, packed: bool = False):
+        self.pad_id, self.rows, self.packed = pad_id, rows, packed
 
     def __call__(self, items: list[tuple[int, Encoded]]) -> dict:
-        batch = pad_batch([e for _, e in items], self.pad_id)
+        seqs = [e for _, e in items]
+        batch = pack_batch(seqs) if self.packed else pad_batch(seqs, self.pad_id)
         batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
         if self.rows is not None:
             batch["subtask"] = [self.rows[i].subtask for i, _ in items]
@@ -92,14 +94,16 @@ class SFTCollator:
 class PairCollator:
     """Batch of B pairs as 2B rows: chosen rows first, then rejected; ``index`` [B].
 
-    With ``rows`` (evaluation) also each pair's ``subtask``, ``prompt_ids`` and ``chosen``/``rejected`` texts.
+    With ``rows`` (evaluation) also each pair's ``subtask``, ``prompt_ids`` and ``chosen``/``rejected`` texts;
+    ``packed``: the 2B rows as one sequence without padding instead.
     """
 
-    def __init__(self, pad_id: int, rows: list | None = None):
-        self.pad_id, self.rows = pad_id, rows
+    def __init__(self, pad_id: int, rows: list | None = None, packed: bool = False):
+        self.pad_id, self.rows, self.packed = pad_id, rows, packed
 
     def __call__(self, items: list[tuple[int, Encoded, Encoded]]) -> dict:
-        batch = pad_batch([c for _, c, _ in items] + [r for _, _, r in items], self.pad_id)
+        seqs = [c for _, c, _ in items] + [r for _, _, r in items]
+        batch = pack_batch(seqs) if self.packed else pad_batch(seqs, self.pad_id)
         batch["index"] = torch.tensor([i for i, _, _ in items], dtype=torch.long)
         batch["pairs"] = torch.tensor(len(items))
         if self.rows is not None:

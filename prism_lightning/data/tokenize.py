@@ -171,3 +171,23 @@ def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             labels[b, start:end] = ids[b, start:end]
         mask[b, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
+    """The rows of a batch as one sequence, without padding: ``input_ids``, ``labels`` and ``position_ids`` [1, N]
+    for the ``N`` real tokens. Position ids restart at 0 with each row, which is how the model's attention knows
+    where rows begin (``modeling.packed_attention`` keeps attention inside each row). A row's first token carries
+    no label, as in a padded batch (nothing before it in its row predicts it)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for s in seqs:
+        row = [IGNORE] * len(s.input_ids)
+        for start, end in s.label_spans():
+            row[start:end] = s.input_ids[start:end]
+        row[0] = IGNORE
+        ids += s.input_ids
+        labels += row
+        positions += range(len(s.input_ids))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}

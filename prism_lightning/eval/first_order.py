@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from prism_lightning.data.tokenize import pad_batch
-from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.influence.objective import row_logprob
 from prism_lightning.influence.scoring import direction, preference_weights
 
 
@@ -37,8 +37,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def row_lbar(model: nn.Module, rows: Sequence, pad_id: int) -> torch.Tensor:
     """``lbar`` [B] of encoded rows (one batch)."""
     batch = pad_batch(list(rows), pad_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return mean_logprob(logits, batch["labels"])
+    return row_logprob(model, batch)
 
 
 def margin(model: nn.Module, chosen: Sequence, rejected: Sequence, pad_id: int, chunk: int = 64) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from prism_lightning.errors import StoreCorruptError, StoreMismatchError
-from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.influence.objective import row_logprob
 from prism_lightning.influence.per_example import PerExampleGradients
 from prism_lightning.io import atomic_file, file_sha256
 from prism_lightning.provenance import Manifest
@@ -138,8 +138,7 @@ class Covariances:
 
 def row_losses(model: nn.Module, batch: dict) -> torch.Tensor:
     """``-lbar`` per row [B]: the objective every gradient of the project differentiates."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return -mean_logprob(logits, batch["labels"])
+    return -row_logprob(model, batch)
 
 
 def backward(model: nn.Module, batch: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.influence.objective import packed_rows, row_logprob
 from prism_lightning.influence.per_example import PerExampleGradients
 from prism_lightning.influence.preconditioners import Preconditioner
 from prism_lightning.influence.projection import Projector
@@ -17,9 +17,11 @@ def gradient_features(model: nn.Module, layers: dict[str, nn.Linear], batch: dic
     """``(features [B, k] fp32, lbar [B])`` for a batch: ``unit(sum_m P_m^T Gamma(g_m(z)))`` per row.
 
     ``g_m(z)`` is row z's exact gradient of its token-mean response loss w.r.t. layer m's weight,
-    preconditioned while still shaped [B, out, in], then flattened for the projection.
+    preconditioned while still shaped [B, out, in], then flattened for the projection. A packed batch
+    (``position_ids``, no padding) gives the same features as the padded one.
     """
-    rows = batch["input_ids"].shape[0]
+    row_of = packed_rows(batch["position_ids"]) if "position_ids" in batch else None
+    rows = batch["input_ids"].shape[0] if row_of is None else int(row_of[-1]) + 1
     device = batch["input_ids"].device
     out = projector.new_output(rows, device)
 
@@ -28,9 +30,8 @@ def gradient_features(model: nn.Module, layers: dict[str, nn.Linear], batch: dic
             grad = preconditioner.precondition(name, grad)
         projector.add(out, name, grad.reshape(rows, -1))
 
-    with torch.enable_grad(), PerExampleGradients(layers, consume):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        lbar = mean_logprob(logits, batch["labels"])
+    with torch.enable_grad(), PerExampleGradients(layers, consume, row_of):
+        lbar = row_logprob(model, batch)
         (-lbar).sum().backward()
     model.zero_grad(set_to_none=True)
     if normalize:

@@ -12,6 +12,10 @@ padding and a causal mask, influence no real token), so they never leak into a g
 
 The gradients are handed to ``consume(name, grads[B, out, in])`` module by module as the
 backward pass reaches them, so peak memory is B x (largest module), not B x P.
+
+A packed batch (all rows in one sequence, no padding: ``data.tokenize.pack_batch``) gives ``x`` and ``dL/dy``
+as [1, N, .]; with ``rows`` (each token's row) the sum over tokens runs per row instead: the same einsum
+after the tokens are laid out row by row (``by_row``), so row b's gradient is still the sum over its own tokens.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ class PerExampleGradients:
     ``consume(name, g)`` receives ``g`` [B, out, in] in fp32 (each row shaped like the weight).
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], consume: Callable[[str, torch.Tensor], None]):
+    def __init__(self, layers: dict[str, nn.Linear], consume: Callable[[str, torch.Tensor], None],
+                 rows: torch.Tensor | None = None):
         self.layers, self.consume = layers, consume
+        self.layout = None if rows is None else row_layout(rows)
         self._inputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
@@ -67,6 +73,8 @@ class PerExampleGradients:
                 x = self._inputs.pop(name, None)
                 if x is None:  # recomputation pass of activation checkpointing: already consumed
                     return
+                if self.layout is not None:  # packed: [1, N, .] -> [rows, longest row, .]
+                    grad_out, x = by_row(grad_out[0], self.layout), by_row(x[0], self.layout)
                 self.consume(name, torch.einsum("bto,bti->boi", grad_out.float(), x.float()))
 
             output.register_hook(on_grad)
@@ -82,3 +90,19 @@ class PerExampleGradients:
             h.remove()
         self._handles.clear()
         self._inputs.clear()
+
+
+def row_layout(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Where each token [N] of a packed batch goes in a [rows, longest row] layout: ``(row, slot, R, L)``."""
+    counts = torch.bincount(rows)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - starts[rows]
+    return rows, slot, len(counts), int(counts.max())
+
+
+def by_row(tokens: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int, int]) -> torch.Tensor:
+    """Tokens [N, d] of a packed batch as [R, L, d], zeros after each row's end (zeros add nothing to a sum)."""
+    rows, slot, n_rows, longest = layout
+    out = tokens.new_zeros(n_rows, longest, tokens.shape[-1])
+    out[rows, slot] = tokens
+    return out

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from prism_lightning.config import FSDPArgs, LoraArgs, ModelArgs, OptimArgs, plain
 from prism_lightning.eval import metrics as M
 from prism_lightning.eval.generation import extract_answer, greedy_generate_ids, pair_choice
-from prism_lightning.influence.objective import mean_logprob
+from prism_lightning.influence.objective import row_logprob
 from prism_lightning.io import atomic_write_text
 from prism_lightning.modeling import build_model, load_tokenizer, trainable_named_parameters
 from prism_lightning.sharding import shard_from_rank0, shard_model
@@ -99,8 +99,7 @@ class SFTModule(L.LightningModule):
 
     def row_loss(self, batch: dict) -> torch.Tensor:
         """Per-row token-mean response loss ``-lbar`` [B]."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return -mean_logprob(logits, batch["labels"])
+        return -row_logprob(self.model, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.row_loss(batch).mean()

@@ -11,6 +11,8 @@ the full ``pool x target`` score matrix from per-example LoRA gradients of the t
 response loss ``l(z) = -lbar(z)`` (what the gradient-feature stage differentiates):
 
 - ``train_step``: one plain LoRA training step over the pool (forward + backward + AdamW; speed limit);
+- ``train_step+packed``: the same over the length-aware batches packed without padding, the LM head at answer
+  tokens only (the limit of ``+packed`` extraction: the same real tokens, one backward each);
 - ``bs1_loop``: a batch-size-1 autograd loop, flattened gradients, then the dot products (exact);
 - ``ours:identity``: our per-example gradients, no preconditioner, no projection (exact dot products);
 - ``ours:adam+sjlt-k`` / ``ours:adam+rademacher-k``: Adam preconditioning (pool), projection to k;
@@ -31,8 +33,17 @@ row's second half). Every case batches as it is normally used: ``batch`` rows in
 batch's longest (our ``ours:*`` cases, ``train_step``, kronfluence, dattri's LoGra through a padding
 collate), Bergson with its own token-budget allocator, and ``ours:adam+sjlt-8192+tokens`` with the
 project's length-aware feature batching (``data.max_tokens_per_batch``: each 256-row shard sorted by
-length, packed up to ``V_TOKENS`` padded tokens, at most 64 rows). dattri-llm's ``attribute`` has no
-collate hook, so rows of different lengths cannot be batched: it is left out of V.
+length, packed up to ``V_TOKENS`` padded tokens, at most 64 rows); ``+tokens+packed`` runs those batches with no
+padding at all (``data.padding_free``: one sequence per batch, attention inside each row). dattri-llm's
+``attribute`` has no collate hook, so rows of different lengths cannot be batched: it is left out of V.
+
+Workload ``R`` (a real vocabulary): V's lengths on the same model shape with Llama-3's 128,256-token vocabulary,
+the answer the last quarter of each row (prompts 3x as long), 128 pool and 16 target rows. Its cases set our
+features beside ``+full_logits``, the same features computed as the project did before its LM head ran at answer
+positions only (``[B, T, vocab]`` logits), and a padded training step (full logits, as HF computes them)::
+
+    .venv/bin/python tools/bench/bench_peers/run.py --workloads R \
+        --cases "$(python tools/bench/bench_peers/run.py --r-cases)"
 
 Agreement-only cases (``tests/test_peers.py``): ``ours:adam+none`` (Adam features, no projection,
 unit-normalised), ``dattri-llm:less`` (the same maths in dattri-llm's LESS attributor) and
@@ -63,10 +74,14 @@ WORKLOADS = {
     "L": (512, 8, 8, 2048, 256, 16, 1024, 64, 8),
     "1B": (2048, 16, 16, 32000, 512, 16, 512, 32, 8),  # GPU only: random-init 1.2B Llama (Llama-3.2-1B widths)
     "V": (512, 8, 8, 2048, 1200, 16, 512, 32, 8),  # the L model, variable lengths up to 1,200 (see above)
+    "R": (512, 8, 8, 128256, 1200, 16, 128, 16, 8),  # V's lengths, Llama-3's vocabulary, answers a quarter (below)
 }
 V_MEDIAN, V_SIGMA, V_MIN = 100, 0.99, 8  # log-normal row lengths of workload V
 V_TOKENS, V_MAX_ROWS, V_SHARD = 4096, 64, 256  # our length-aware feature batching on V
-V_CASES = ["train_step", "ours:adam+sjlt-8192", "ours:adam+sjlt-8192+tokens", "kronfluence:identity",
+R_CASES = ["train_step", "train_step+packed", "ours:adam+sjlt-8192+tokens+full_logits", "ours:adam+sjlt-8192+tokens",
+           "ours:adam+sjlt-8192+tokens+packed"]
+V_CASES = ["train_step", "train_step+packed", "ours:adam+sjlt-8192", "ours:adam+sjlt-8192+tokens",
+           "ours:adam+sjlt-8192+tokens+packed", "kronfluence:identity",
            "dattri:logra-256", "bergson:build+query-16"]
 CASES = ["train_step", "bs1_loop", "ours:identity", "ours:adam+sjlt-1024", "ours:adam+sjlt-8192",
          "ours:adam+rademacher-1024", "ours:ekfac+sjlt-8192", "kronfluence:identity", "kronfluence:ekfac", "trak-1024",
@@ -104,7 +119,7 @@ def build(workload: str, device: str = "cpu"):
     def rows(n: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab, (n, seq), generator=g)
-        if workload == "V":
+        if workload in ("V", "R"):
             normal = torch.randn(n, generator=torch.Generator().manual_seed(seed + 100))
             lengths = (V_MEDIAN * torch.exp(V_SIGMA * normal)).round().long().clamp(V_MIN, seq)
         else:
@@ -112,7 +127,8 @@ def build(workload: str, device: str = "cpu"):
         position = torch.arange(seq).unsqueeze(0)
         mask = (position < lengths.unsqueeze(1)).long()
         ids = ids * mask  # right padding with token 0
-        labels = ids.masked_fill((position < (lengths // 2).unsqueeze(1)) | (mask == 0), -100)  # response: 2nd half
+        answer_from = lengths * 3 // 4 if workload == "R" else lengths // 2  # R: prompts 3x as long as answers
+        labels = ids.masked_fill((position < answer_from.unsqueeze(1)) | (mask == 0), -100)
         return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
     return model, rows(n_pool, 2), rows(n_target, 3), batch
@@ -147,6 +163,18 @@ def batches(data: dict, size: int):
     n = data["input_ids"].shape[0]
     for s in range(0, n, size):
         yield take(data, list(range(s, min(s + size, n))))
+
+
+def packed(b: dict) -> dict:
+    """A padded batch dict as one sequence of its real tokens (``data.tokenize.pack_batch``'s layout): position ids
+    restarting per row, each row's first token without a label, no attention mask."""
+    mask = b["attention_mask"].bool()
+    labels = b["labels"].clone()
+    labels[:, 0] = -100
+    lengths = mask.sum(1)
+    positions = torch.cat([torch.arange(int(n), device=mask.device) for n in lengths])
+    return {"input_ids": b["input_ids"][mask].unsqueeze(0), "labels": labels[mask].unsqueeze(0),
+            "position_ids": positions.unsqueeze(0)}
 
 
 def pad_collate(items: list[dict]) -> dict:
@@ -194,6 +222,23 @@ def case_train_step(model, pool, target, batch):
     return None, n_rows(pool) / secs, secs
 
 
+def case_train_step_packed(model, pool, target, batch):
+    """The limit of padding-free extraction: a training step over the same length-aware batches, packed without
+    padding, the LM head at answer tokens only (the project's objective)."""
+    from prism_lightning.influence.objective import row_logprob
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    groups = [packed(b) for b in length_batches(pool)[0]]
+    start = time.perf_counter()
+    for b in groups:
+        (-row_logprob(model, b)).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    secs = time.perf_counter() - start
+    return None, n_rows(pool) / secs, secs
+
+
 def case_bs1_loop(model, pool, target, batch):
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
     start = time.perf_counter()
@@ -224,8 +269,21 @@ def length_batches(data: dict):
     return [take(data, b) for b in groups], [i for b in groups for i in b]
 
 
+def full_logits_lbar(model, batch: dict) -> torch.Tensor:
+    """The objective as the project computed it before the LM head ran at answer positions only: ``[B, T, vocab]``
+    logits (the ``+full_logits`` cases, for the side-by-side comparison)."""
+    from prism_lightning.influence.objective import mean_logprob
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return mean_logprob(logits, batch["labels"])
+
+
 def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: int, normalize: bool = False,
-              by_tokens: bool = False):
+              by_tokens: bool = False, full_logits: bool = False, padding_free: bool = False):
+    from prism_lightning.influence import extract
+
+    if full_logits:
+        extract.row_logprob = full_logits_lbar
     from prism_lightning.config import ProjectionArgs
     from prism_lightning.influence.curvature import fit_factors
     from prism_lightning.influence.extract import gradient_features
@@ -246,6 +304,8 @@ def case_ours(model, pool, target, batch, preconditioner: str, kind: str, dim: i
             return torch.cat([gradient_features(model, layers, b, projector, precondition, normalize=normalize)[0]
                               for b in batches(data, batch)])
         groups, order = length_batches(data)
+        if padding_free:  # data.padding_free: each batch packed without padding
+            groups = [packed(b) for b in groups]
         out = torch.cat([gradient_features(model, layers, b, projector, precondition, normalize=normalize)[0]
                          for b in groups])
         return out[torch.argsort(torch.tensor(order, device=out.device))]  # back to row order
@@ -468,6 +528,8 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
         torch.cuda.reset_peak_memory_stats()
     if case == "train_step":
         scores, rate, secs = case_train_step(model, pool, target, batch)
+    elif case == "train_step+packed":
+        scores, rate, secs = case_train_step_packed(model, pool, target, batch)
     elif case == "bs1_loop":
         scores, rate, secs = case_bs1_loop(model, pool, target, batch)
     elif case == "ours:identity":
@@ -479,7 +541,8 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
     elif case.startswith(("ours:adam+", "ours:ekfac+")):
         kind, dim = case.split("+")[1].split("-")
         scores, rate, secs = case_ours(model, pool, target, batch, case[5:].split("+")[0], kind, int(dim),
-                                       by_tokens=case.endswith("+tokens"))
+                                       by_tokens="+tokens" in case, full_logits=case.endswith("+full_logits"),
+                                       padding_free=case.endswith("+packed"))
     elif case.startswith("dattri-llm:"):
         scores, rate, secs = case_dattri_llm(model, pool, target, batch, case.split(":")[1])
     elif case.startswith("dattri:logra-"):
@@ -491,7 +554,7 @@ def run_case(workload: str, case: str, device: str = "cpu") -> tuple[torch.Tenso
     elif case.startswith("kronfluence:"):
         scores, rate, secs = case_kronfluence(model, pool, target, batch, case.split(":")[1])
     else:
-        raise ValueError(f"unknown case {case!r}; choose from {CASES + EXTRA_CASES + V_CASES}")
+        raise ValueError(f"unknown case {case!r}; choose from {CASES + EXTRA_CASES + V_CASES + R_CASES}")
     if device == "cuda":
         torch.cuda.synchronize()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -509,11 +572,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="seconds for the whole run: a case still running when they are "
                         "spent is stopped and later ones are skipped (for a lent machine's time limit)")
     parser.add_argument("--v-cases", action="store_true", help="print workload V's cases and exit")
+    parser.add_argument("--r-cases", action="store_true", help="print workload R's cases and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.v_cases:
-        print(",".join(V_CASES))
+    if args.v_cases or args.r_cases:
+        print(",".join(V_CASES if args.v_cases else R_CASES))
         return
     if args.case:  # child: one case, JSON on stdout
         scores, res = run_case(args.workload, args.case, args.device)
@@ -551,7 +615,7 @@ def main() -> None:
     for workload, res in table.items():
         print(header)
         print("-" * len(header))
-        ref = res.get(REFERENCE_V if workload == "V" else REFERENCE, {}).get("seconds")
+        ref = res.get(REFERENCE_V if workload in ("V", "R") else REFERENCE, {}).get("seconds")
         for case, r in res.items():
             if "error" in r:
                 print(f"{workload:<4}{case:<28} FAILED: {r['error']}")
