@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import TOL
-from test_per_example import encoded, loop_grads, lora_model
+from test_per_example import assert_same_grads, encoded, loop_grads, lora_model
 
 from prism_lightning.data.tokenize import pack_batch, pad_batch
 from prism_lightning.influence.objective import mean_logprob, packed_rows, row_logprob
@@ -40,10 +40,7 @@ def test_per_example_gradients_through_the_answer_only_head_equal_a_loop():
     with PerExampleGradients(lora_linears(model), lambda name, g: got.__setitem__(name, g)):
         (-row_logprob(model, pad_batch(seqs, pad))).sum().backward()
     model.zero_grad(set_to_none=True)
-    want = loop_grads(model, seqs, pad)  # batch-size-1 autograd on the full logits
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL)
+    assert_same_grads(got, loop_grads(model, seqs, pad))  # batch-size-1 autograd on the full logits
 
 
 def test_the_head_hook_leaves_other_forwards_alone():
@@ -67,9 +64,7 @@ def test_packed_batch_equals_padded_batch():
                              packed_rows(packed["position_ids"])):
         (-row_logprob(model, packed)).sum().backward()
     model.zero_grad(set_to_none=True)
-    want = loop_grads(model, seqs, pad)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL)
+    assert_same_grads(got, loop_grads(model, seqs, pad))
 
 
 def test_packed_gradient_features_equal_padded():

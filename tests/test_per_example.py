@@ -45,6 +45,13 @@ def batched_grads(model, seqs, pad_id):
     return got
 
 
+def assert_same_grads(got: dict, want: dict) -> None:
+    """Per-example gradients {layer: [B, out, in]} equal, layer by layer, within the shared tolerance."""
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL)
+
+
 def loop_grads(model, seqs, pad_id):
     layers = lora_linears(model)
     rows = []
@@ -74,19 +81,14 @@ def test_gradient_checkpointing_gives_same_grads():
     seqs, pad = encoded(5)
     want = batched_grads(lora_model(), seqs, pad)
     model = lora_model(gradient_checkpointing=True).train()  # HF checkpoints in train mode; dropout is 0
-    got = batched_grads(model, seqs, pad)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL)
+    assert_same_grads(batched_grads(model, seqs, pad), want)
 
 
 def test_qlora_per_example_equals_loop():
     pytest.importorskip("bitsandbytes")
     model = lora_model(quantization="nf4")
     seqs, pad = encoded(6)
-    want = loop_grads(model, seqs, pad)
-    got = batched_grads(model, seqs, pad)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL)
+    assert_same_grads(batched_grads(model, seqs, pad), loop_grads(model, seqs, pad))
 
 
 def test_batch_neighbours_do_not_matter():
