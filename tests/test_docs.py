@@ -42,7 +42,7 @@ def kind(command: str) -> str:
         return "pytest"
     if re.match(r"(bash|sbatch) tools/ops/launch/", last):
         return "launch"
-    if re.match(r"(bash|\.venv-peers/bin/python) tools/bench/", last):
+    if re.match(r"(bash|\.venv/bin/python|\.venv-peers/bin/python) tools/bench/", last):
         return "bench"
     if re.match(r"(\.venv/bin/)?python tools/evidence/", last):
         return "evidence"  # reads a finished evidence run
