@@ -176,8 +176,8 @@ def pad_batch(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 def pack_batch(seqs: list[Encoded]) -> dict[str, torch.Tensor]:
     """The rows of a batch as one sequence, without padding: ``input_ids``, ``labels`` and ``position_ids`` [1, N]
     for the ``N`` real tokens. Position ids restart at 0 with each row, which is how the model's attention knows
-    where rows begin (``modeling.packed_attention`` keeps attention inside each row). A row's first token carries
-    no label, as in a padded batch (nothing before it in its row predicts it)."""
+    where rows begin (``influence.varlen.packed_attention`` keeps attention inside each row). A row's first token
+    carries no label, as in a padded batch (nothing before it in its row predicts it)."""
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []

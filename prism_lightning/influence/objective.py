@@ -89,7 +89,7 @@ def row_logprob(model: nn.Module, batch: dict) -> torch.Tensor:
     dominate the memory of a forward over long prompts).
 
     A padded batch has ``input_ids``/``attention_mask``/``labels`` [B, T]; a packed one (``tokenize.pack_batch``)
-    has ``input_ids``/``labels``/``position_ids`` [1, N] and no padding at all (``modeling.packed_attention``).
+    has ``input_ids``/``labels``/``position_ids`` [1, N] and no padding at all (``influence.varlen.packed_attention``).
     """
     labels = batch["labels"]
     keep = answer_positions(labels)

@@ -27,6 +27,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from first_order import last_checkpoint  # this folder's tool: the newest complete warmup checkpoint
 from transformers import AutoTokenizer
 
 from prism_lightning.config import LoraArgs, ModelArgs
@@ -68,8 +69,7 @@ def token_logprobs(model, ids: list[int], prompt_len: int) -> torch.Tensor:
 
 def measure(folder: Path) -> dict:
     settings = json.loads((folder / "warmup" / "stage.json").read_text())["settings"]
-    ckpt = max((p for p in (folder / "warmup").glob("epoch-*") if (p / "checkpoint.json").exists()),
-               key=lambda p: int(p.name.split("-")[1]))
+    ckpt = last_checkpoint(folder / "warmup")
     info = json.loads((ckpt / "checkpoint.json").read_text())
     model = build_model(ModelArgs(**info["model"]), LoraArgs(**info["lora"]), adapter_path=ckpt, trainable=True)
     model.eval()
