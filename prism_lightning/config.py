@@ -505,6 +505,9 @@ class PipelineArgs:
     """The experiments, each run for every seed."""
     modes: list[ModeName] = field(default_factory=lambda: list(MODES))
     """Scoring modes compared in every experiment."""
+    finetune_modes: list[ModeName] | None = None
+    """Modes whose selections are also fine-tuned and evaluated, a subset of ``modes`` (default: all of them); the
+    others are compared on their rankings only. Fine-tunes are most of a run's time."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds: each varies the warmup subset, the data order and the LoRA initialisation."""
     warmup_epochs: int = 3
@@ -533,6 +536,11 @@ class PipelineArgs:
             len(set(names)) != len(names)
             and f"experiment names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}",
             *unique_modes(self.modes),
+            self.finetune_modes is not None and not set(self.finetune_modes) <= set(self.modes)
+            and f"finetune_modes names {sorted(set(self.finetune_modes) - set(self.modes))}, which modes "
+                f"{self.modes} does not score; add them to modes or drop them from finetune_modes",
+            self.finetune_modes is not None and len(set(self.finetune_modes)) != len(self.finetune_modes)
+            and f"finetune_modes repeat: {self.finetune_modes} (each mode once)",
             not self.seeds and "no seeds",
             len(set(self.seeds)) != len(self.seeds) and f"seeds repeat: {self.seeds}",
             self.warmup_epochs < 1 and f"warmup_epochs={self.warmup_epochs} must be >= 1",
@@ -541,6 +549,11 @@ class PipelineArgs:
             not self.damping > 0 and f"damping={self.damping} must be > 0",
             self.finetune_batch_size is not None and self.finetune_batch_size < 1
             and f"finetune_batch_size={self.finetune_batch_size} must be >= 1"])
+
+    @property
+    def finetuned(self) -> list[str]:
+        """The modes whose selections are fine-tuned, in the order of ``modes``."""
+        return [m for m in self.modes if self.finetune_modes is None or m in self.finetune_modes]
 
 
 def plain(obj):

@@ -33,6 +33,7 @@ class Stage:
         self.marker = self.folder / "stage.json"
         self.todo = True
         self.seconds = 0.0
+        self.extra: dict = {}  # more for stage.json beside the settings and seconds (e.g. where a result came from)
         done = Manifest.read(self.marker)
         if done is not None and not force:
             done.check({"settings": self.settings}, what=str(self.folder), error=StageMismatchError,
@@ -49,7 +50,7 @@ class Stage:
         if exc_type is None and self.todo:
             self.seconds = time.time() - self._start
         if exc_type is None and self.todo and is_rank0():
-            Manifest(self.marker, {"settings": self.settings, "seconds": self.seconds}).write()
+            Manifest(self.marker, {"settings": self.settings, "seconds": self.seconds, **self.extra}).write()
 
 
 def stage_logger(logger, version: str):

@@ -2,7 +2,7 @@
 
 Each experiment (and seed) gets a folder ``<output_dir>/<experiment>/seed-<s>/`` holding
 ``warmup/``, ``curvature/`` (kfac/ekfac only), ``features/``, ``selection/`` and ``finetune/<run>/``
-(one run per mode, plus ``full``, ``base`` and, for repair, the clean-pool ``oracle``). Every finished
+(one run per fine-tuned mode, plus ``full``, ``base`` and, for repair, the clean-pool ``oracle``). Every finished
 stage writes ``stage.json`` (its settings and wall time): a rerun skips stages whose ``stage.json``
 matches, refuses ones made with other settings, and ``force`` redoes everything (``context.Stage``).
 
@@ -83,8 +83,8 @@ def units(exp: Experiment, args: PipelineArgs) -> int:
     stages = 4 if needs_fit(exp.pool_preconditioner or args.pool_preconditioner) else 3
     if not exp.finetune:
         return stages
-    runs = len(args.modes) + 2 + (exp.kind == "repair" and bool(exp.clean_pool))
-    return stages + runs + bool(exp.reselect_every and "prism" in args.modes)
+    runs = len(args.finetuned) + 2 + (exp.kind == "repair" and bool(exp.clean_pool))
+    return stages + runs + bool(exp.reselect_every and "prism" in args.finetuned)
 
 
 def detail(ctx: StageContext, name: str) -> str:

@@ -118,6 +118,8 @@ def test_dataset_dict_with_several_splits_is_refused(tmp_path):
     (lambda: ProjectionArgs(dim=0), r"dim=0 must be >= 1"),
     (lambda: PipelineArgs(experiments=[Experiment("a", "repair", "p", "t", "s")] * 2, seeds=[]),
      r"experiment names repeat: \['a'\]; .*no seeds"),
+    (lambda: PipelineArgs(modes=["prism", "random"], finetune_modes=["prism", "less"]),
+     r"finetune_modes names \['less'\], which modes \['prism', 'random'\] does not score"),
 ])
 def test_settings_are_refused_with_every_problem(make, match):
     with pytest.raises(SettingsError, match=match):

@@ -14,6 +14,7 @@ from conftest import write_jsonl
 from prism_lightning.cli import main
 
 MODES = "[prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss]"
+FINETUNED = ["prism", "less", "random", "loss"]  # configs/tiny/pipeline.yaml's finetune_modes
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +41,22 @@ def fast_data(tmp_path_factory, demo_data):
             "eval_pairs": write_jsonl(folder / "eval_pairs.jsonl", take("eval_pairs.jsonl", 3))}
 
 
-def pipeline_args(data, out):
+def pipeline_args(data, out, modes=MODES, finetune=None):
+    """The shrunken pipeline; ``finetune`` (default: every mode of ``modes``) is ``pipeline.finetune_modes``."""
     exp = {"name": "repair_fast", "kind": "repair", "pool": str(data["pool"]), "target": str(data["target"]),
            "subtask": "add", "clean_pool": str(data["clean"]), "fraction": 0.1}
     return ["pipeline", "--config", "configs/tiny/pipeline.yaml", "--output_dir", str(out),
             "--data.eval_sft", str(data["eval"]), "--data.eval_pairs", str(data["eval_pairs"]),
             "--data.warmup_fraction", "0.5", "--pipeline.experiments", json.dumps([exp]),
             "--pipeline.warmup_epochs", "2", "--pipeline.finetune_epochs", "1",
-            "--pipeline.projection.dim", "512", "--pipeline.modes", MODES]
+            "--pipeline.projection.dim", "512", "--pipeline.modes", modes,
+            "--pipeline.finetune_modes", finetune or modes]
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, fast_data):
     out = tmp_path_factory.mktemp("pipeline-a")
-    main(pipeline_args(fast_data, out))
+    main(pipeline_args(fast_data, out, finetune=f"[{','.join(FINETUNED)}]"))
     return out
 
 
@@ -61,8 +64,7 @@ def full_run(tmp_path_factory, fast_data):
 def plain_run(tmp_path_factory, fast_data):
     """The single-process reference with plain-gradient pool features."""
     out = tmp_path_factory.mktemp("pipeline-plain")
-    main([*pipeline_args(fast_data, out), "--pipeline.modes", "[prism,random]", "--pipeline.pool_preconditioner",
-          "identity"])
+    main([*pipeline_args(fast_data, out, "[prism,random]"), "--pipeline.pool_preconditioner", "identity"])
     return out
 
 
@@ -84,12 +86,16 @@ def test_pipeline_outputs_and_report(full_run):
     for mode in MODES.strip("[]").split(","):
         for f in ("scores.jsonl", "selected.jsonl", "weights.jsonl", "manifest.json"):
             assert (run / "selection" / mode / f).exists()
+        auroc = report["summary"]["repair_fast"]["modes"][mode]["within_subtask.auroc"][0]
+        assert auroc == ranking["modes"][mode]["within_subtask"]["auroc"] and math.isfinite(auroc)
+        if mode not in FINETUNED:  # ranked only (pipeline.finetune_modes): no fine-tune, "–" in the report
+            assert not (run / "finetune" / mode).exists() and mode not in result["finetune"]
+            assert re.search(rf"^\| {mode} \|.*\| – \| – \| – \| – \|$", (full_run / "report.md").read_text(), re.M)
+            continue
         metrics = json.loads((run / "finetune" / mode / "metrics-test.json").read_text())
         assert (run / "finetune" / mode / "adapter" / "adapter_model.safetensors").exists()
         for key in ("exact_match", "wanted", "unwanted", "pref_acc"):
             assert result["finetune"][mode][key] == metrics[f"{key}/add"]
-        auroc = report["summary"]["repair_fast"]["modes"][mode]["within_subtask.auroc"][0]
-        assert auroc == ranking["modes"][mode]["within_subtask"]["auroc"] and math.isfinite(auroc)
     for extra in ("full", "oracle", "base"):
         assert math.isfinite(result["finetune"][extra]["exact_match"])
     assert not (run / "finetune" / "base" / "adapter").exists()  # base: evaluated, never trained
@@ -107,9 +113,34 @@ def test_pipeline_outputs_and_report(full_run):
 
 
 @pytest.mark.slow
+def test_a_fine_tune_made_by_an_earlier_experiment_is_copied_not_redone(fast_data, tmp_path):
+    """A forward experiment on the clean pool trains its ``full`` run exactly as the repair experiment's ``oracle``,
+    and ``base`` is one model: both are copied (``same_as`` in ``stage.json``); the contaminated ``full`` is not."""
+    args = pipeline_args(fast_data, tmp_path, "[random]")
+    exps = json.loads(args[args.index("--pipeline.experiments") + 1])
+    exps.append({"name": "forward_fast", "kind": "forward", "pool": str(fast_data["clean"]),
+                 "target": str(fast_data["target"]), "subtask": "add", "fraction": 0.25})
+    args[args.index("--pipeline.experiments") + 1] = json.dumps(exps)
+    main(args)
+    repair, forward = (tmp_path / name / "seed-0" / "finetune" for name in ("repair_fast", "forward_fast"))
+    for name, source in (("full", "oracle"), ("base", "base")):
+        marker = json.loads((forward / name / "stage.json").read_text())
+        assert marker["same_as"] == f"repair_fast/seed-0/finetune/{source}"
+        got, want = (json.loads((f / "metrics-test.json").read_text()) for f in (forward / name, repair / source))
+        assert got == want and "exact_match/add" in got
+    weights = "adapter/adapter_model.safetensors"
+    assert (forward / "full" / weights).read_bytes() == (repair / "oracle" / weights).read_bytes()
+    assert "same_as" not in json.loads((forward / "random" / "stage.json").read_text())
+    assert all("same_as" not in json.loads((repair / n / "stage.json").read_text()) for n in ("full", "oracle", "base"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"][1]["finetune"]["full"]["exact_match"] == report["results"][0]["finetune"]["oracle"][
+        "exact_match"]
+
+
+@pytest.mark.slow
 def test_pipeline_with_ekfac_fits_curvature_beside_each_checkpoint(fast_data, tmp_path):
-    main([*pipeline_args(fast_data, tmp_path), "--pipeline.modes", "[prism,random]", "--pipeline.pool_preconditioner",
-          "ekfac", "--pipeline.damping", "0.3"])
+    main([*pipeline_args(fast_data, tmp_path, "[prism,random]"), "--pipeline.pool_preconditioner", "ekfac",
+          "--pipeline.damping", "0.3"])
     run = tmp_path / "repair_fast" / "seed-0"
     assert json.loads((run / "curvature" / "stage.json").read_text())["seconds"] > 0
     for epoch in (1, 2):
@@ -130,21 +161,22 @@ def test_pipeline_resumes_after_interruption(full_run, fast_data, tmp_path, monk
         raise KeyboardInterrupt("killed after the feature stage")
 
     monkeypatch.setattr(select, "run_selection", killed)
+    args = pipeline_args(fast_data, tmp_path, finetune=f"[{','.join(FINETUNED)}]")
     with pytest.raises(SystemExit) as stop:
-        main(pipeline_args(fast_data, tmp_path))
+        main(args)
     assert stop.value.code == 130  # as after Ctrl+C
     run = tmp_path / "repair_fast" / "seed-0"
     assert (run / "features" / "stage.json").exists() and not (run / "selection" / "stage.json").exists()
     marks = {s: (run / s / "stage.json").stat().st_mtime_ns for s in ("warmup", "features")}
     monkeypatch.undo()
-    main(pipeline_args(fast_data, tmp_path))
+    main(args)
     for stage, mtime in marks.items():  # completed stages were skipped, not redone
         assert (run / stage / "stage.json").stat().st_mtime_ns == mtime
     for mode in MODES.strip("[]").split(","):  # the resumed run equals the uninterrupted one (same seed)
         a = (full_run / "repair_fast" / "seed-0" / "selection" / mode / "scores.jsonl").read_text()
         assert (run / "selection" / mode / "scores.jsonl").read_text() == a
     with pytest.raises(Exception, match="other settings"):
-        main([*pipeline_args(fast_data, tmp_path), "--pipeline.warmup_epochs", "1"])
+        main([*args, "--pipeline.warmup_epochs", "1"])
 
 
 @pytest.mark.slow
@@ -158,8 +190,7 @@ def test_pipeline_under_fsdp_matches_single_process(plain_run, fast_data, tmp_pa
     # Plain-gradient pool features, as the reference run below: Adam's 1/sqrt(v') scaling amplifies the
     # float-reduction noise of a 2-process warmup (~1e-6 on the adapter and moments, compared in test_fsdp)
     # past the shared tolerance where v' is tiny.
-    args = [*pipeline_args(fast_data, tmp_path), "--pipeline.pool_preconditioner", "identity"]
-    args[args.index("--pipeline.modes") + 1] = "[prism,random]"
+    args = [*pipeline_args(fast_data, tmp_path, "[prism,random]"), "--pipeline.pool_preconditioner", "identity"]
     run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.batch_size", "8"], threads=1)
     run, ref = tmp_path / "repair_fast" / "seed-0", plain_run / "repair_fast" / "seed-0"
 
@@ -231,8 +262,7 @@ def test_a_run_prints_its_stages_and_nothing_else(fast_data, tmp_path):
     from conftest import REPO
 
     env = {k: v for k, v in os.environ.items() if k != "PRISM_DEBUG"} | {"PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "prism_lightning", *pipeline_args(fast_data, tmp_path / "quiet"),
-           "--pipeline.modes", "[prism,random]"]
+    cmd = [sys.executable, "-m", "prism_lightning", *pipeline_args(fast_data, tmp_path / "quiet", "[prism,random]")]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stderr.strip().splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from prism_lightning.eval import metrics as M
 from prism_lightning.io import atomic_folder, read_json
 from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
+from prism_lightning.provenance import plain_json
+from prism_lightning.ranks import barrier, is_rank0
 from prism_lightning.select import stage_selection
 from prism_lightning.sharding import gather_trainable
 
@@ -62,12 +65,13 @@ class FinetuneModule(SFTModule):
 
 # ----- as a pipeline stage ---------------------------------------------------------------------------------
 def runs(ctx: StageContext) -> dict[str, dict]:
-    """The fine-tunes of one experiment and seed (name -> data settings): one per mode, trained on the subset its
+    """The fine-tunes of one experiment and seed (name -> data settings): one per mode of
+    ``pipeline.finetune_modes`` (default: every mode), trained on the subset its
     ``data.selection`` gives (the select stage's, reused), the full pool, for repair the clean pool (``oracle``),
     and ``base`` (evaluated without training)."""
     out = {m: {"train_on": "selection", "selection": asdict(DataSelection(
         mode=m, features=str(ctx.root / "features"), output_dir=str(ctx.root / "selection"),
-        **asdict(stage_selection(ctx))))} for m in ctx.args.modes}
+        **asdict(stage_selection(ctx))))} for m in ctx.args.finetuned}
     if ctx.exp.reselect_every and "prism" in out:
         out["prism_reselect"] = out["prism"]  # the same start, re-selected every reselect_every epochs
     out["full"] = {"train_on": "pool"}
@@ -79,8 +83,44 @@ def runs(ctx: StageContext) -> dict[str, dict]:
     return out
 
 
+TRAIN_ONLY = ("pool", "pool_columns", "train_on", "selection", "selection_file", "warmup_fraction", "batch_size",
+              "shuffle")  # data settings an evaluation without training (``base``) never reads
+
+
+def training(settings: dict) -> dict:
+    """What a fine-tune on the pool depends on: its ``stage.json`` settings less the experiment (name, skill, metric)
+    and the target pairs, which a run on the pool never reads (its evaluation covers every held-out skill); for a
+    run without training (``base``), less the training rows too."""
+    unread = ("target", *(TRAIN_ONLY if settings["epochs"] == 0 else ()))
+    return {**{k: v for k, v in settings.items() if k != "experiment"},
+            "data": {k: v for k, v in settings["data"].items() if k not in unread}}
+
+
+def earlier_run(ctx: StageContext, settings: dict) -> Path | None:
+    """A finished fine-tune of an earlier experiment of this pipeline and seed trained exactly as ``settings``: the
+    clean-pool ``oracle`` of every repair experiment and the ``full`` run of a forward experiment on that pool are
+    one run, and ``base`` is one model. Only earlier experiments: this invocation made or checked them (``force``
+    redid them), so nothing left from another invocation is taken on trust."""
+    if settings["data"].get("train_on") != "pool":
+        return None
+    want, top = training(plain_json(settings)), ctx.root.parent.parent
+    names = [e.name for e in ctx.args.experiments]
+    for name in names[:names.index(ctx.exp.name)] if ctx.exp.name in names else []:
+        for marker in sorted((top / name / f"seed-{ctx.seed}" / "finetune").glob("*/stage.json")):
+            done = read_json(marker)
+            if done and training(done["settings"]) == want:
+                return marker.parent
+    return None
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    """``src``'s adapter, merged model and metrics into ``dst`` (``stage.json`` is ``dst``'s own)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("stage.json"))
+
+
 def run(ctx: StageContext) -> None:
-    """Fine-tune and evaluate every run (each with its own ``stage.json``); the numbers go to ``ctx.results``."""
+    """Fine-tune and evaluate every run (each with its own ``stage.json``); the numbers go to ``ctx.results``. A run
+    trained exactly as one of an earlier experiment (``earlier_run``) is copied from it, not trained again."""
     optim = replace(ctx.model.optim_args, lr=ctx.args.finetune_lr)
     out = {}
     for name, run_data in runs(ctx).items():
@@ -88,10 +128,19 @@ def run(ctx: StageContext) -> None:
         epochs = 0 if name == "base" else ctx.args.finetune_epochs
         data = dict(ctx.data, **run_data)
         every = ctx.exp.reselect_every if name == "prism_reselect" else None
-        with Stage(folder, dict(ctx.base, data=data, epochs=epochs, lr=ctx.args.finetune_lr,
-                                **({"reselect_every": every} if every else {})), ctx.force) as st, \
-                ctx.progress.stage(f"{ctx.version} finetune/{name}", run_detail(ctx, name, epochs), st.todo):
-            if st.todo:
+        settings = dict(ctx.base, data=data, epochs=epochs, lr=ctx.args.finetune_lr,
+                        **({"reselect_every": every} if every else {}))
+        done = Stage(folder, settings, ctx.force)
+        same = earlier_run(ctx, settings) if done.todo else None
+        where = same and str(same.relative_to(ctx.root.parent.parent))
+        detail = f"the same run as {where}, copied" if same else run_detail(ctx, name, epochs)
+        with done as st, ctx.progress.stage(f"{ctx.version} finetune/{name}", detail, st.todo):
+            if same:
+                if is_rank0():
+                    copy_run(same, folder)
+                barrier()
+                st.extra["same_as"] = where
+            elif st.todo:
                 L.seed_everything(ctx.seed, verbose=False)
                 module = FinetuneModule(model=ctx.model.model_args, lora=ctx.lora, optim=optim,
                                         output_dir=str(ctx.root), run_name=f"finetune/{name}", fsdp=ctx.model.fsdp_args)
