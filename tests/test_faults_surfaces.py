@@ -499,7 +499,11 @@ def test_two_real_processes_cannot_share_an_output_folder(tmp_path):
     first = _start(sel, tmp_path / "log")
     try:
         _wait_for(first, lambda: (root / "selection" / ".prism-lock").exists())
-        second = subprocess.run(sel, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGSTOP)  # holds its lock, however fast this machine would have finished it
+        try:
+            second = subprocess.run(sel, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2 and f"in use by pid {first.pid}" in second.stderr, second.stderr[-2000:]
     finally:
         assert first.wait(timeout=300) == 0
