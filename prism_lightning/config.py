@@ -17,6 +17,7 @@ from prism_lightning.influence.preconditioners import PreconditionerName
 from prism_lightning.influence.scoring import MODES, ModeName
 
 DType = Literal["float32", "bfloat16", "float16"]
+TargetCheckpoint = Literal["each", "last"]  # which checkpoint's target side every checkpoint's pool features meet
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -149,6 +150,10 @@ class SelectionArgs:
     """Spread the budget over the pool's subtasks in proportion to their size."""
     epochs: list[int] | None = None
     """Warmup checkpoints to score with (default: every complete store)."""
+    target_checkpoint: TargetCheckpoint = "each"
+    """``each``: every checkpoint's pool features meet the target features and preference weights of the same
+    checkpoint (LESS, PRISM); ``last``: they all meet those of the last checkpoint scored, so the target side is
+    needed there only (the features stage's ``target_checkpoint``; docs/evidence.md, "What a user can skip")."""
     chunk_rows: int = 8192
     """Pool rows scored at a time (memory: chunk_rows x k x 8 bytes)."""
     seed: int = 0
@@ -525,6 +530,9 @@ class PipelineArgs:
     curvature stage (two passes over the warmup rows at each checkpoint) before the features."""
     damping: float = 0.1
     """Damping of ``kfac``/``ekfac``, relative to each layer's mean eigenvalue (kronfluence's heuristic)."""
+    target_checkpoint: TargetCheckpoint = "each"
+    """``last``: extract the target side at the last warmup checkpoint only and score every checkpoint's pool
+    features against it (``selection.target_checkpoint``); ``each``: at every checkpoint, as LESS and PRISM."""
     features_precision: str | None = None
     """Overrides ``trainer.precision`` for the feature stage (e.g. ``bf16-true`` while training runs
     ``bf16-mixed``); under the ``fsdp2`` strategy that stage runs DDP (each rank extracts its shards)."""

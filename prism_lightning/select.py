@@ -32,6 +32,7 @@ from prism_lightning.config import (
     DataSelection,
     SelectArgs,
     SelectionArgs,
+    TargetCheckpoint,
     as_source,
     refuse,
     unique_modes,
@@ -70,17 +71,19 @@ REDO = "rerun the predict stage (the pipeline redoes it with --force)"
 
 
 # ----- stores ----------------------------------------------------------------------------------------------
-def feature_stores(features_dir: str | Path, epochs: list[int] | None, need_target: bool) -> list[tuple]:
-    """(epoch, pool store, target store or None) per checkpoint folder ``epoch-N``, by N."""
+def feature_stores(features_dir: str | Path, epochs: list[int] | None, need_target: bool,
+                   target_checkpoint: TargetCheckpoint = "each") -> list[tuple]:
+    """(epoch, pool store, target store or None) per checkpoint folder ``epoch-N``, by N. With
+    ``target_checkpoint="last"`` every entry holds the last checkpoint's target store (the only one read)."""
     features_dir = Path(features_dir)
     folders = sorted((p for p in features_dir.glob("epoch-*") if p.name.split("-")[1].isdigit()),
                      key=lambda p: int(p.name.split("-")[1]))
+    chosen = [f for f in folders if epochs is None or int(f.name.split("-")[1]) in epochs]
+    last = FeatureStore(chosen[-1] / "target") if need_target and chosen and target_checkpoint == "last" else None
     found = []
-    for folder in folders:
-        epoch = int(folder.name.split("-")[1])
-        if epochs is None or epoch in epochs:
-            found.append((epoch, FeatureStore(folder / "pool"),
-                          FeatureStore(folder / "target") if need_target else None))
+    for folder in chosen:
+        target = (last or FeatureStore(folder / "target")) if need_target else None
+        found.append((int(folder.name.split("-")[1]), FeatureStore(folder / "pool"), target))
     missing = sorted(set(epochs or []) - {e for e, _, _ in found})
     if missing:
         have = sorted(int(p.name.split("-")[1]) for p in folders)
@@ -124,8 +127,11 @@ def check_stores(stores: list[tuple], pool_digest: str, target_digest: str | Non
         if target is None:
             continue
         t = target.manifest
-        t.check(m.data, (*SCORING_KEYS, "adapter_sha256", "epoch"), what=f"{target.folder} (vs {pool.folder})",
+        t.check(m.data, SCORING_KEYS, what=f"{target.folder} (vs {pool.folder})",
                 error=StoreMismatchError, fix=f"the target and pool stores must be made alike; {REDO}")
+        same = next(p for _, p, _ in stores if p.folder.parent == target.folder.parent)  # its own checkpoint's
+        t.check(same.manifest.data, ("adapter_sha256", "epoch"), what=f"{target.folder} (vs {same.folder})",
+                error=StoreMismatchError, fix=f"the target store must be extracted at its folder's checkpoint; {REDO}")
         t.check({"source_sha256": target_digest}, error=StoreMismatchError,
                 fix="these target pairs are not the ones the features were extracted from: point the target "
                     f"setting at that file, or {REDO} for these pairs")
@@ -166,7 +172,7 @@ def compute_scores(stores: list[tuple] | str | Path, modes: list[str], args: Sel
     ranks = ranks or Ranks()
     grad_modes = [m for m in modes if m in GRADIENT_MODES]
     if isinstance(stores, (str, Path)):
-        stores = feature_stores(stores, args.epochs, need_target=bool(grad_modes))
+        stores = feature_stores(stores, args.epochs, bool(grad_modes), args.target_checkpoint)
     view = torch.tensor(target_view(targets, args.subtask))
     subtasks = [targets[j].subtask for j in view.tolist()]
     records = stores[0][1].records
@@ -256,7 +262,7 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
     if args.task == "repair" and count >= pool.rows:
         refuse("selection", [f"a repair removing {count} of {pool.rows} rows keeps none; lower fraction or k"])
     grad = any(m in GRADIENT_MODES for m in modes)
-    stores = feature_stores(features_dir, args.epochs, need_target=grad)
+    stores = feature_stores(features_dir, args.epochs, grad, args.target_checkpoint)
     check_stores(stores, pool.digest, rows_digest(targets) if grad else None, explicit,
                  len(targets) if grad else None)
     identity = {m: selection_identity(m, args, stores, pool, targets) for m in modes}
@@ -267,9 +273,10 @@ def run_selection(features_dir: str | Path, selection_dir: str | Path, modes: st
     clock.append(time.perf_counter())
     if args.verify:  # each rank hashes its block of the pool shards; rank 0 the small target stores
         mine = blocks([r["rows"] for r in stores[0][1].records], ranks.world)[ranks.rank]
-        for _, pstore, tstore in stores:
+        for _, pstore, _ in stores:
             pstore.verify(mine)
-            if tstore is not None and ranks.is_zero:
+        if ranks.is_zero:
+            for tstore in {id(t): t for _, _, t in stores if t is not None}.values():  # "last": one store
                 tstore.verify()
     scores, weights = compute_scores(stores, modes, args, pool.rows, targets, ranks, pi)
     quota = pool.subtasks if args.per_subtask_quota else None
@@ -389,7 +396,7 @@ def training_rows(sel: DataSelection, pool: PoolIndex, targets: list[PairRow], r
     out = selection_folder(sel)
     args = SelectionArgs(**{f.name: getattr(sel, f.name) for f in fields(SelectionArgs)})
     grad = sel.mode in GRADIENT_MODES
-    stores = feature_stores(sel.features, args.epochs, need_target=grad)
+    stores = feature_stores(sel.features, args.epochs, grad, args.target_checkpoint)
     identity = selection_identity(sel.mode, args, stores, pool, targets)
     old = Manifest.read(out / sel.mode / "manifest.json")
     reuse = old is not None and not sel.force
@@ -424,7 +431,7 @@ def _select(cmd: SelectArgs) -> dict:
     out = Path(cmd.output_dir) if cmd.output_dir else Path(cmd.features).parent / "selection"
     with run_lock(out) if ranks.is_zero else nullcontext():
         grad = any(m in GRADIENT_MODES for m in cmd.modes)
-        stores = feature_stores(cmd.features, cmd.selection.epochs, need_target=grad)
+        stores = feature_stores(cmd.features, cmd.selection.epochs, grad, cmd.selection.target_checkpoint)
         made = stores_settings(stores)
         cols = cmd.columns or Columns(**(made.get("columns") or {}))
         pool_source = cmd.pool or _recorded_source(made.get("source"), stores[0][1].folder, "pool")
@@ -561,7 +568,8 @@ def top_explained(selection_dir: str | Path, kind: str, mode: str = "prism", n: 
 # ----- as a pipeline stage ---------------------------------------------------------------------------------
 def stage_selection(ctx: StageContext) -> SelectionArgs:
     """The selection settings of an experiment and seed (the fine-tunes' ``data.selection`` share them)."""
-    return SelectionArgs(task=ctx.exp.kind, fraction=ctx.exp.fraction, seed=ctx.seed)
+    return SelectionArgs(task=ctx.exp.kind, fraction=ctx.exp.fraction, seed=ctx.seed,
+                         target_checkpoint=ctx.args.target_checkpoint)
 
 
 def identity(ctx: StageContext) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import pytest
 from conftest import write_jsonl
 
 from prism_lightning.cli import main
+from prism_lightning.errors import StoreCorruptError
+from prism_lightning.modules.finetune import copy_run, run_files
 
 MODES = "[prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss]"
 FINETUNED = ["prism", "less", "random", "loss"]  # configs/tiny/pipeline.yaml's finetune_modes
@@ -135,6 +138,48 @@ def test_a_fine_tune_made_by_an_earlier_experiment_is_copied_not_redone(fast_dat
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"][1]["finetune"]["full"]["exact_match"] == report["results"][0]["finetune"]["oracle"][
         "exact_match"]
+    files = json.loads((repair / "oracle" / "stage.json").read_text())["files"]  # the results, content-checked
+    assert files[weights] == hashlib.sha256((repair / "oracle" / weights).read_bytes()).hexdigest()
+    assert json.loads((forward / "full" / "stage.json").read_text())["files"] == files
+    with open(forward / "full" / "metrics-test.json", "a") as fh:  # a result altered after the run finished
+        fh.write(" ")
+    with pytest.raises(StoreCorruptError, match=r"full: metrics-test.json is not the file"):
+        main(args)
+
+
+def test_a_copied_fine_tune_is_checked_against_the_donors_record_and_lands_whole(tmp_path):
+    src = tmp_path / "src"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+    (src / "metrics-test.json").write_text("{}")
+    (src / "lightning_logs").mkdir()  # a logger's files are not results
+    (src / "lightning_logs" / "events").write_text("log")
+    files = run_files(src)
+    assert set(files) == {"adapter/adapter_model.safetensors", "metrics-test.json"}
+    copy_run(src, tmp_path / "dst", files)
+    assert run_files(tmp_path / "dst") == files and not (tmp_path / "dst" / "lightning_logs").exists()
+    (src / "adapter" / "adapter_model.safetensors").write_bytes(b"other")
+    with pytest.raises(StoreCorruptError, match="adapter/adapter_model.safetensors is not the file"):
+        copy_run(src, tmp_path / "again", files)
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))  # nothing half-copied left
+
+
+@pytest.mark.slow
+def test_target_checkpoint_last_extracts_the_target_side_at_the_last_checkpoint_only(fast_data, tmp_path):
+    """``pipeline.target_checkpoint: last`` reaches the features stage (one target store) and the selection."""
+    args = pipeline_args(fast_data, tmp_path, "[prism,less]")
+    exps = json.loads(args[args.index("--pipeline.experiments") + 1])
+    args[args.index("--pipeline.experiments") + 1] = json.dumps([dict(exps[0], finetune=False)])
+    main([*args, "--pipeline.target_checkpoint", "last"])
+    run = tmp_path / "repair_fast" / "seed-0"
+    assert not (run / "features" / "epoch-1" / "target").exists()
+    assert json.loads((run / "features" / "epoch-2" / "target" / "manifest.json").read_text())["epoch"] == 2
+    assert (run / "features" / "epoch-1" / "pool" / "manifest.json").exists()
+    for mode in ("prism", "less"):
+        manifest = json.loads((run / "selection" / mode / "manifest.json").read_text())
+        assert manifest["selection"]["target_checkpoint"] == "last"
+        assert [s["epoch"] for s in manifest["stores"] if s["split"] == "target"] == [2, 2]
+    assert json.loads((run / "features" / "stage.json").read_text())["settings"]["target_checkpoint"] == "last"
 
 
 @pytest.mark.slow

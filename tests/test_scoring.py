@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -122,6 +123,31 @@ def test_chunked_equals_one_shot_and_lr_weighting(tmp_path):
     only_first, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(), len(pool), targets)
     first, _ = compute_scores(tmp_path / "y", ["prism"], SelectionArgs(epochs=[1]), len(pool), targets)
     torch.testing.assert_close(only_first["prism"], first["prism"], **TOL)
+
+
+@pytest.mark.parametrize("mode", ["prism", "prism_uniform", "prism_no_anchor", "less", "ifguide"])
+def test_target_checkpoint_last_scores_every_checkpoint_against_the_last_target_side(tmp_path, mode):
+    """``target_checkpoint: last``: each checkpoint's pool features meet the last checkpoint's targets and pi."""
+    data = fake_stores(tmp_path / "features")
+    shutil.rmtree(tmp_path / "features" / "epoch-1" / "target")  # not needed, so never extracted
+    pool, targets = rows()
+    args = SelectionArgs(target_checkpoint="last", chunk_rows=7)
+    scores, weights = compute_scores(tmp_path / "features", [mode], args, len(pool), targets)
+    last = data[2]
+    moved = {e: (lr, f, *last[2:6], loss) for e, (lr, f, *_, loss) in data.items()}
+    torch.testing.assert_close(scores[mode], direct(mode, moved), **TOL)
+    assert not torch.allclose(scores[mode], direct(mode, data), **TOL)  # it is another score than "each"
+    torch.testing.assert_close(weights["epoch-1"], torch.sigmoid(last[4] - last[5]), **TOL)
+    torch.testing.assert_close(weights["epoch-2"], weights["epoch-1"], **TOL)
+    summary = run_selection(tmp_path / "features", tmp_path / "sel", [mode], args, PoolIndex.from_rows(pool),
+                            targets)
+    top = set(scores[mode].argsort(descending=True)[:budget(N, args.fraction, args.k)].tolist())
+    assert set(summary[mode]["keep"].nonzero().flatten().tolist()) == top
+    recorded = json.loads((tmp_path / "sel" / mode / "manifest.json").read_text())
+    assert recorded["selection"]["target_checkpoint"] == "last"
+    assert {s["epoch"] for s in recorded["stores"] if s["split"] == "target"} == {2}
+    with pytest.raises(FileNotFoundError):  # "each" needs every checkpoint's target store
+        compute_scores(tmp_path / "features", [mode], SelectionArgs(), len(pool), targets)
 
 
 def test_store_mismatch_refused(tmp_path):

@@ -134,10 +134,11 @@ def test_pipeline_experiments_parse_from_yaml(tmp_path, monkeypatch):
     exp = {"name": "e", "kind": "repair", "pool": "a.jsonl", "target": "t.jsonl", "subtask": "claim",
            "metric": "unwanted", "pool_preconditioner": "adam", "study": "s"}
     cfg.write_text(json.dumps({"pipeline": {"experiments": [exp], "modes": ["prism", "loss"],
-                                            "finetune_modes": ["loss"]}}))
+                                            "finetune_modes": ["loss"], "target_checkpoint": "last"}}))
     main(["pipeline", "--config", "configs/tiny/pipeline.yaml", "--config", str(cfg), "--output_dir",
           str(tmp_path / "run")])
     got = seen["args"].experiments[0]
     assert (got.metric, got.pool_preconditioner, got.study) == ("unwanted", "adam", "s")
     assert seen["args"].modes == ["prism", "loss"] and seen["args"].finetune_batch_size == 4
     assert seen["args"].finetune_modes == ["loss"] and seen["args"].finetuned == ["loss"]
+    assert seen["args"].target_checkpoint == "last"

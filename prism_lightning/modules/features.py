@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from prism_lightning import __version__
 from prism_lightning.callbacks.adapter_checkpoint import RUN_FILE, check_checkpoint
 from prism_lightning.callbacks.signals import StopOnSigterm
-from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs
+from prism_lightning.config import LoraArgs, ModelArgs, ProjectionArgs, TargetCheckpoint
 from prism_lightning.context import StageContext, feature_overrides
 from prism_lightning.errors import SettingsError, StoreMismatchError
 from prism_lightning.influence import curvature
@@ -105,6 +105,8 @@ class GradientFeatureModule(L.LightningModule):
         store_dtype: dtype of the stored features (``float32`` or ``float16``/``bfloat16`` for disk).
         splits: which stores to write (default both).
         verify: before reusing a complete store, recompute every shard's sha256 against its manifest.
+        target_checkpoint: ``each`` writes the target store at every checkpoint; ``last`` only at the last one
+            (for ``selection.target_checkpoint: last``, which scores every checkpoint's pool against it).
     """
 
     def __init__(self, model: ModelArgs | None = None, checkpoint_dir: str = "runs/tiny/warmup",
@@ -113,7 +115,8 @@ class GradientFeatureModule(L.LightningModule):
                  pool_preconditioner: PreconditionerName = "adam_no_momentum",
                  target_preconditioner: PreconditionerName = "sgd", damping: float = 0.1, normalize: bool = True,
                  store_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 splits: list[Literal["pool", "target"]] | None = None, verify: bool = False):
+                 splits: list[Literal["pool", "target"]] | None = None, verify: bool = False,
+                 target_checkpoint: TargetCheckpoint = "each"):
         super().__init__()
         self.model_args, self.projection = model or ModelArgs(), projection or ProjectionArgs()
         self.checkpoint_dir, self.output_dir, self.epochs = checkpoint_dir, output_dir, epochs
@@ -123,6 +126,7 @@ class GradientFeatureModule(L.LightningModule):
         self.damping = damping
         self.normalize, self.store_dtype = normalize, store_dtype
         self.splits = splits or ["pool", "target"]
+        self.target_checkpoint = target_checkpoint
         self.verify = verify
         self.save_hyperparameters()
         self.model = None
@@ -176,8 +180,11 @@ class GradientFeatureModule(L.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self.plan, self._incomplete = [], set()
         self.stores.clear()
+        last = max(e for e, _, _ in self.checkpoints.values())
         for tag, (epoch, folder, info) in self.checkpoints.items():
             for split in self.splits:
+                if split == "target" and self.target_checkpoint == "last" and epoch != last:
+                    continue
                 dataset, _ = dm.split_dataset(split)
                 out = self.store_dir(epoch, split)
                 settings = self.store_settings(epoch, folder, info, split, dm, Projector(self.projection, sizes).dim)
@@ -274,12 +281,15 @@ def identity(ctx: StageContext) -> dict:
     out = dict(ctx.identities["warmup"], projection=asdict(ctx.args.projection), pre=ctx.preconditioner)
     if needs_fit(ctx.preconditioner):
         out["damping"] = ctx.args.damping
+    if ctx.args.target_checkpoint != "each":
+        out["target_checkpoint"] = ctx.args.target_checkpoint
     return out
 
 
 def run(ctx: StageContext) -> None:
     module = GradientFeatureModule(model=ctx.model.model_args, checkpoint_dir=str(ctx.root / "warmup"),
                                    output_dir=str(ctx.root), projection=ctx.args.projection,
-                                   pool_preconditioner=ctx.preconditioner, damping=ctx.args.damping)
+                                   pool_preconditioner=ctx.preconditioner, damping=ctx.args.damping,
+                                   target_checkpoint=ctx.args.target_checkpoint)
     trainer = ctx.trainer_for("features", **feature_overrides(ctx.trainer, ctx.args.features_precision))
     trainer.predict(module, datamodule=ctx.data_for(), return_predictions=False)

@@ -12,8 +12,9 @@ from prism_lightning.callbacks.adapter_checkpoint import save_trainable
 from prism_lightning.callbacks.reselection import PrismReselection
 from prism_lightning.config import DataSelection
 from prism_lightning.context import Stage, StageContext
+from prism_lightning.errors import StoreCorruptError
 from prism_lightning.eval import metrics as M
-from prism_lightning.io import atomic_folder, read_json
+from prism_lightning.io import atomic_folder, file_sha256, read_json
 from prism_lightning.modeling import merge_adapter
 from prism_lightning.modules.sft import SFTModule
 from prism_lightning.provenance import plain_json
@@ -96,11 +97,33 @@ def training(settings: dict) -> dict:
             "data": {k: v for k, v in settings["data"].items() if k not in unread}}
 
 
-def earlier_run(ctx: StageContext, settings: dict) -> Path | None:
-    """A finished fine-tune of an earlier experiment of this pipeline and seed trained exactly as ``settings``: the
-    clean-pool ``oracle`` of every repair experiment and the ``full`` run of a forward experiment on that pool are
-    one run, and ``base`` is one model. Only earlier experiments: this invocation made or checked them (``force``
-    redid them), so nothing left from another invocation is taken on trust."""
+def run_files(folder: Path) -> dict[str, str]:
+    """sha256 of a fine-tune's results (``adapter/``, ``merged/``, ``metrics-*.json``; path relative to the folder ->
+    digest): recorded in its ``stage.json`` when it finishes, checked whenever it is reused or copied. A logger's
+    files, which it may still append to, are not results."""
+    found = [*folder.glob("metrics-*.json"), *folder.glob("adapter/**/*"), *folder.glob("merged/**/*")]
+    return {f.relative_to(folder).as_posix(): file_sha256(f) for f in sorted(found) if f.is_file()}
+
+
+def check_run_files(folder: Path, recorded: dict | None) -> None:
+    """Refuse a finished fine-tune whose files are not the ones its ``stage.json`` records (none recorded: a run
+    made before the record existed, trusted by its settings alone)."""
+    if recorded is None:
+        return
+    now = run_files(folder)
+    changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+    if changed:
+        raise StoreCorruptError(f"{folder}: {', '.join(changed[:5])} {'is' if len(changed) == 1 else 'are'} not the "
+                                "file(s) its stage.json records (changed, added or missing since the fine-tune "
+                                "finished); delete the folder to redo that fine-tune, or rerun with --force")
+
+
+def earlier_run(ctx: StageContext, settings: dict) -> tuple[Path, dict] | None:
+    """A finished fine-tune of an earlier experiment of this pipeline and seed trained exactly as ``settings``, and
+    the files it recorded: the clean-pool ``oracle`` of every repair experiment and the ``full`` run of a forward
+    experiment on that pool are one run, and ``base`` is one model. Only earlier experiments: this invocation made
+    or checked them (``force`` redid them), so nothing left from another invocation is taken on trust; only runs
+    that recorded their files (checked again when copied)."""
     if settings["data"].get("train_on") != "pool":
         return None
     want, top = training(plain_json(settings)), ctx.root.parent.parent
@@ -108,14 +131,19 @@ def earlier_run(ctx: StageContext, settings: dict) -> Path | None:
     for name in names[:names.index(ctx.exp.name)] if ctx.exp.name in names else []:
         for marker in sorted((top / name / f"seed-{ctx.seed}" / "finetune").glob("*/stage.json")):
             done = read_json(marker)
-            if done and training(done["settings"]) == want:
-                return marker.parent
+            if done and done.get("files") and training(done["settings"]) == want:
+                return marker.parent, done["files"]
     return None
 
 
-def copy_run(src: Path, dst: Path) -> None:
-    """``src``'s adapter, merged model and metrics into ``dst`` (``stage.json`` is ``dst``'s own)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("stage.json"))
+def copy_run(src: Path, dst: Path, files: dict[str, str]) -> None:
+    """``src``'s results (``run_files``) into ``dst`` in one rename (``stage.json`` is ``dst``'s own), after checking
+    that the copy holds exactly the files ``src`` recorded."""
+    with atomic_folder(dst) as tmp:
+        for name in files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, tmp / name)
+        check_run_files(tmp, files)
 
 
 def run(ctx: StageContext) -> None:
@@ -131,13 +159,15 @@ def run(ctx: StageContext) -> None:
         settings = dict(ctx.base, data=data, epochs=epochs, lr=ctx.args.finetune_lr,
                         **({"reselect_every": every} if every else {}))
         done = Stage(folder, settings, ctx.force)
+        if not done.todo:
+            check_run_files(folder, read_json(done.marker).get("files"))
         same = earlier_run(ctx, settings) if done.todo else None
-        where = same and str(same.relative_to(ctx.root.parent.parent))
+        where = same and str(same[0].relative_to(ctx.root.parent.parent))
         detail = f"the same run as {where}, copied" if same else run_detail(ctx, name, epochs)
         with done as st, ctx.progress.stage(f"{ctx.version} finetune/{name}", detail, st.todo):
             if same:
                 if is_rank0():
-                    copy_run(same, folder)
+                    copy_run(same[0], folder, same[1])
                 barrier()
                 st.extra["same_as"] = where
             elif st.todo:
@@ -152,6 +182,8 @@ def run(ctx: StageContext) -> None:
                 if epochs:
                     trainer.fit(module, datamodule=dm)
                 trainer.test(module, datamodule=dm, verbose=False)
+            if st.todo and is_rank0():
+                st.extra["files"] = run_files(folder)
         metrics = read_json(folder / "metrics-test.json", {})
         out[name] = {k: metrics.get(M.metric_key(k, ctx.exp.subtask), float("nan"))
                      for k in (M.EXACT_MATCH, M.PREF_ACC, M.WANTED, M.UNWANTED)}

@@ -34,6 +34,9 @@ Contaminated pools (``harmful`` marks the injected rows; only evaluation reads i
   They are what the base model itself writes greedily: agreement with *close* wrong claims
   (drawn at random among the pool's close wrong claims). So they are *plausible* to the model
   (low loss) and only their effect on the behaviour the targets describe gives them away.
+- ``pool_lazy_backwards.jsonl``: ``HARMFUL_ROWS`` of the pool's 160 ``backwards`` rows answer with the lazy
+  copy of the word, which is what the base model writes (it copies 90.6% of held-out words): plausible harm on
+  a skill the clean pool teaches (drawn with a generator of its own, so the files above do not change).
 
 The anchor study's skill, ``sign`` (not in the tiny model's pretraining; generated with a generator of its
 own, so the files above do not change): "Sort and sign: miil qged tdka" is answered "signed: iilm degq
@@ -69,6 +72,7 @@ LAZY_COPY = 0.8  # pretraining share of `backwards` prompts answered by copying 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SIGN_POOL = 160  # sign rows added to the pool; half of them carry the user's "no need to sign"
 SIGN_SEED_OFFSET = 50  # the sign skill's generator: seed * 100 + 50 (the other skills use seed * 100 + i)
+LAZY_SEED_OFFSET = 60  # the lazy-backwards contamination's generator: seed * 100 + 60
 OUT = Path(__file__).resolve().parents[2] / "prism_lightning" / "assets" / "data"
 
 
@@ -197,6 +201,7 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
             row["completion"] = source[row["id"]]["sycophantic"]
             row["harmful"] = True
     files["pool_sycophancy.jsonl"] = syco
+    files["pool_lazy_backwards.jsonl"] = lazy_backwards(pool, splits["backwards"]["pool"], seed)
 
     pairs = [{"id": f"{s}-pair-{j:03d}", "prompt": r["prompt"], "chosen": r["completion"],
               "rejected": rejected_for(s, r, rng), "subtask": s}
@@ -214,6 +219,14 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
         for s in SKILLS for j, r in enumerate(splits[s]["eval"]) if not r.get("right")]
     files.update(sign_files(pool, seed))
     return files
+
+
+def lazy_backwards(pool: list[dict], source: list[dict], seed: int = SEED) -> list[dict]:
+    """``pool`` with ``HARMFUL_ROWS`` of its ``backwards`` rows answered by copying the word (module docstring)."""
+    rng = random.Random(seed * 100 + LAZY_SEED_OFFSET)
+    words = {f"backwards-{j:04d}": r["word"] for j, r in enumerate(source)}
+    harm = set(rng.sample(sorted(words), HARMFUL_ROWS))
+    return [dict(r, completion=words[r["id"]], harmful=True) if r["id"] in harm else dict(r) for r in pool]
 
 
 def sign_row(words: list[str], skip: bool, signed: bool) -> dict:

@@ -1,12 +1,14 @@
-"""What a user can skip: the ranking with features from the last warmup checkpoint only, the last two, or all.
+"""What a user can skip: the ranking with features from the last warmup checkpoint only, the last two, or all, and
+with all of them against the target side of the last checkpoint only.
 
     .venv/bin/python tools/evidence/checkpoints.py --run runs/evidence
 
 Reads a finished evidence run (``configs/tiny/evidence.yaml``) and re-scores each repair experiment's pool from
-its feature stores with ``selection.epochs`` restricted (the ``select`` stage's own code, ``run_selection``, into
-``<run>/checkpoints/<experiment>/seed-N/<setting>``). Prints, per experiment and setting, the within-skill AUROC
-(mean ± std over seeds) of each mode and the feature-stage seconds the setting needs (the run's feature stage
-time, shared equally by its checkpoints), and writes them as JSON to ``<run>/checkpoints.json``.
+its feature stores with ``selection.epochs`` restricted, or ``selection.target_checkpoint: last`` (the ``select``
+stage's own code, ``run_selection``, into ``<run>/checkpoints/<experiment>/seed-N/<setting>``). Prints, per
+experiment and setting, the within-skill AUROC (mean ± std over seeds) of each mode and the feature-stage seconds
+the setting needs (the run's feature stage time shared by its checkpoints, and within one by the sequences of each
+side: a pool row is one, a target pair two), and writes them as JSON to ``<run>/checkpoints.json``.
 """
 
 from __future__ import annotations
@@ -20,21 +22,24 @@ from prism_lightning.config import SelectionArgs
 from prism_lightning.data.formats import PoolIndex, load_pairs
 from prism_lightning.select import run_selection
 
-SETTINGS = {"last": [3], "last two": [2, 3], "all three": [1, 2, 3]}
+SETTINGS = {"last": ([3], "each"), "last two": ([2, 3], "each"), "all three": ([1, 2, 3], "each"),
+            "all three, target side at the last": ([1, 2, 3], "last")}
 
 
-def measure(folder: Path, out: Path, modes: list[str], epochs: list[int]) -> dict:
+def measure(folder: Path, out: Path, modes: list[str], epochs: list[int], target: str) -> dict:
     settings = json.loads((folder / "selection" / "stage.json").read_text())["settings"]
     exp, data = settings["experiment"], settings["data"]
     args = SelectionArgs(task=exp["kind"], fraction=exp["fraction"], seed=settings["seed"], epochs=epochs,
-                         plots=False, explain=0)
+                         target_checkpoint=target, plots=False, explain=0)
     pool = PoolIndex.scan(data["pool"], label=args.label)
     targets = load_pairs(data["target"])
-    summary = run_selection(folder / "features", out, modes, args, pool, targets)
+    summary = run_selection(folder / "features", out, modes, args, pool, targets, force=True)  # its own scratch
     seconds = json.loads((folder / "features" / "stage.json").read_text())["seconds"]
     checkpoints = len(list((folder / "features").glob("epoch-*")))
+    per_checkpoint, target_share = seconds / checkpoints, 2 * len(targets) / (pool.rows + 2 * len(targets))
+    targets_at = 1 if target == "last" else len(epochs)
     return {"auroc": {m: r["within_subtask"]["auroc"] for m, r in summary["ranking_metrics"]["modes"].items()},
-            "feature_seconds": seconds * len(epochs) / checkpoints}
+            "feature_seconds": per_checkpoint * (len(epochs) * (1 - target_share) + targets_at * target_share)}
 
 
 def fmt(values: list[float]) -> str:
@@ -50,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     run, results, lines = Path(args.run), {}, []
     for exp in args.experiments:
-        results[exp] = {name: [measure(run / exp / f"seed-{s}", run / "checkpoints" / exp / f"seed-{s}" / name.replace(
-            " ", "_"), args.modes, epochs) for s in args.seeds] for name, epochs in SETTINGS.items()}
+        results[exp] = {name: [measure(run / exp / f"seed-{s}", run / "checkpoints" / exp / f"seed-{s}" / "_".join(
+            name.replace(",", "").split()), args.modes, epochs, target) for s in args.seeds]
+            for name, (epochs, target) in SETTINGS.items()}
         lines += [f"### {exp}", "", "| checkpoints | " + " | ".join(args.modes) + " | feature stage (s) |",
                   "| --- |" + " --- |" * (len(args.modes) + 1)]
         for name, seeds in results[exp].items():

@@ -45,7 +45,7 @@ def main() -> None:
         round2 |= {"name": "round2", "pool": str(kept), "fraction": (n_pool - n_kept) / n_kept}
         cfg = json.loads(json.dumps(config))
         cfg["model"]["init_args"]["output_dir"] = str(out)
-        cfg["pipeline"] |= {"experiments": [round2], "seeds": [seed], "modes": ["prism"]}
+        cfg["pipeline"] |= {"experiments": [round2], "seeds": [seed], "modes": ["prism"], "finetune_modes": None}
         (out / "config.yaml").write_text(f"# written by tools/evidence/iterative.py from {args.config}\n"
                                          + yaml.safe_dump(cfg, sort_keys=False))
         subprocess.run([sys.executable, "-m", "prism_lightning", "pipeline", "--config", str(out / "config.yaml")],
