@@ -79,6 +79,15 @@ def feature_stores(features_dir: str | Path, epochs: list[int] | None, need_targ
     folders = sorted((p for p in features_dir.glob("epoch-*") if p.name.split("-")[1].isdigit()),
                      key=lambda p: int(p.name.split("-")[1]))
     chosen = [f for f in folders if epochs is None or int(f.name.split("-")[1]) in epochs]
+    read = chosen[-1:] if target_checkpoint == "last" else chosen
+    lacking = [f.name for f in read if need_target and not (f / "target" / "manifest.json").exists()]
+    if lacking:
+        have = [f.name for f in folders if (f / "target" / "manifest.json").exists()]
+        raise FileNotFoundError(
+            f"{features_dir}: no target store at {', '.join(lacking)} (target stores at: {', '.join(have) or 'none'}); "
+            "extract the target side there (features target_checkpoint: each), or score every checkpoint against "
+            "the last one's with selection.target_checkpoint: last and selection.epochs ending at a checkpoint "
+            "that has one")
     last = FeatureStore(chosen[-1] / "target") if need_target and chosen and target_checkpoint == "last" else None
     found = []
     for folder in chosen:

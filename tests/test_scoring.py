@@ -146,8 +146,12 @@ def test_target_checkpoint_last_scores_every_checkpoint_against_the_last_target_
     recorded = json.loads((tmp_path / "sel" / mode / "manifest.json").read_text())
     assert recorded["selection"]["target_checkpoint"] == "last"
     assert {s["epoch"] for s in recorded["stores"] if s["split"] == "target"} == {2}
-    with pytest.raises(FileNotFoundError):  # "each" needs every checkpoint's target store
+    with pytest.raises(FileNotFoundError, match=r"no target store at epoch-1 \(target stores at: epoch-2\).*"
+                                                "selection.target_checkpoint: last"):  # "each" needs every one
         compute_scores(tmp_path / "features", [mode], SelectionArgs(), len(pool), targets)
+    with pytest.raises(FileNotFoundError, match="no target store at epoch-1"):  # the last of [1] is epoch 1
+        compute_scores(tmp_path / "features", [mode], SelectionArgs(epochs=[1], target_checkpoint="last"),
+                       len(pool), targets)
 
 
 def test_store_mismatch_refused(tmp_path):
