@@ -35,6 +35,7 @@ class Stage:
         self.seconds = 0.0
         self.extra: dict = {}  # more for stage.json beside the settings and seconds (e.g. where a result came from)
         done = Manifest.read(self.marker)
+        self.record: dict | None = done.data if done is not None else None  # the finished stage's stage.json
         if done is not None and not force:
             done.check({"settings": self.settings}, what=str(self.folder), error=StageMismatchError,
                        fix="use another output_dir, or --force to redo it")

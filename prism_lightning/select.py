@@ -88,10 +88,10 @@ def feature_stores(features_dir: str | Path, epochs: list[int] | None, need_targ
             "extract the target side there (features target_checkpoint: each), or score every checkpoint against "
             "the last one's with selection.target_checkpoint: last and selection.epochs ending at a checkpoint "
             "that has one")
-    last = FeatureStore(chosen[-1] / "target") if need_target and chosen and target_checkpoint == "last" else None
+    last = FeatureStore(read[0] / "target") if need_target and read and target_checkpoint == "last" else None
     found = []
     for folder in chosen:
-        target = (last or FeatureStore(folder / "target")) if need_target else None
+        target = None if not need_target else last if last is not None else FeatureStore(folder / "target")
         found.append((int(folder.name.split("-")[1]), FeatureStore(folder / "pool"), target))
     missing = sorted(set(epochs or []) - {e for e, _, _ in found})
     if missing:

@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> None:
                         **({"reselect_every": every} if every else {}))
         done = Stage(folder, settings, ctx.force)
         if not done.todo:
-            check_run_files(folder, read_json(done.marker).get("files"))
+            check_run_files(folder, done.record.get("files"))
         same = earlier_run(ctx, settings) if done.todo else None
         where = same and str(same[0].relative_to(ctx.root.parent.parent))
         detail = f"the same run as {where}, copied" if same else run_detail(ctx, name, epochs)
