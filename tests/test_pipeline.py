@@ -8,13 +8,14 @@ import math
 import os
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from conftest import write_jsonl
 
 from prism_lightning.cli import main
 from prism_lightning.errors import StoreCorruptError
-from prism_lightning.modules.finetune import copy_run, run_files
+from prism_lightning.modules.finetune import copy_run, earlier_run, run_files, selected_rows
 
 MODES = "[prism,prism_uniform,prism_no_anchor,less,ifguide,random,loss]"
 FINETUNED = ["prism", "less", "random", "loss"]  # configs/tiny/pipeline.yaml's finetune_modes
@@ -123,9 +124,19 @@ def test_a_fine_tune_made_by_an_earlier_experiment_is_copied_not_redone(fast_dat
     exps = json.loads(args[args.index("--pipeline.experiments") + 1])
     exps.append({"name": "forward_fast", "kind": "forward", "pool": str(fast_data["clean"]),
                  "target": str(fast_data["target"]), "subtask": "add", "fraction": 0.25})
+    exps.append(dict(exps[0], name="repair_plain", pool_preconditioner="identity"))  # random keeps the same rows
     args[args.index("--pipeline.experiments") + 1] = json.dumps(exps)
     main(args)
-    repair, forward = (tmp_path / name / "seed-0" / "finetune" for name in ("repair_fast", "forward_fast"))
+    repair, forward, plain = (tmp_path / name / "seed-0" / "finetune"
+                              for name in ("repair_fast", "forward_fast", "repair_plain"))
+    selected = [tmp_path / name / "seed-0" / "selection" / "random" / "selected.jsonl"
+                for name in ("repair_fast", "repair_plain")]
+    assert selected[0].read_bytes() == selected[1].read_bytes()  # another selection, the same rows: one fine-tune
+    for name in ("random", "full", "oracle", "base"):
+        assert json.loads((plain / name / "stage.json").read_text())["same_as"] == f"repair_fast/seed-0/finetune/{name}"
+    rows = json.loads((plain / "random" / "stage.json").read_text())["rows"]
+    assert rows == json.loads((repair / "random" / "stage.json").read_text())["rows"]
+    assert rows["selected_sha256"] == hashlib.sha256(selected[0].read_bytes()).hexdigest()
     for name, source in (("full", "oracle"), ("base", "base")):
         marker = json.loads((forward / name / "stage.json").read_text())
         assert marker["same_as"] == f"repair_fast/seed-0/finetune/{source}"
@@ -145,6 +156,37 @@ def test_a_fine_tune_made_by_an_earlier_experiment_is_copied_not_redone(fast_dat
         fh.write(" ")
     with pytest.raises(StoreCorruptError, match=r"full: metrics-test.json is not the file"):
         main(args)
+
+
+def test_modes_that_keep_the_same_rows_make_one_fine_tune(tmp_path):
+    """``earlier_run`` matches a selection run to a finished run of the same settings and the same kept rows (the
+    selections' ``selected.jsonl`` sha256), only among the runs before it in this invocation."""
+    root = tmp_path / "exp" / "seed-0"
+    ctx = SimpleNamespace(root=root, seed=0, exp=SimpleNamespace(name="exp"),
+                          args=SimpleNamespace(experiments=[SimpleNamespace(name="exp")]))
+
+    def selection(mode: str, text: str, lr: float = 3e-3) -> tuple[dict, dict | None]:
+        folder = root / "selection" / mode
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "selected.jsonl").write_text(text)
+        (folder / "manifest.json").write_text(json.dumps({"pool_sha256": "p", "files": {
+            "selected.jsonl": hashlib.sha256(text.encode()).hexdigest()}}))
+        data = {"pool": "pool.jsonl", "target": "t.jsonl", "train_on": "selection",
+                "selection": {"mode": mode, "features": "f", "output_dir": str(root / "selection")}}
+        return {"experiment": {"name": "exp"}, "seed": 0, "data": data, "epochs": 1, "lr": lr}, selected_rows(data)
+
+    done, rows = selection("prism", '{"id": "a"}\n')
+    (root / "finetune" / "prism").mkdir(parents=True)
+    (root / "finetune" / "prism" / "stage.json").write_text(json.dumps(
+        {"settings": done, "files": {"metrics-test.json": "x"}, "rows": rows}))
+    same, same_rows = selection("less", '{"id": "a"}\n')
+    assert same_rows == rows
+    assert earlier_run(ctx, same, same_rows, ["prism"]) == (root / "finetune" / "prism", {"metrics-test.json": "x"})
+    assert earlier_run(ctx, same, same_rows, []) is None  # not made before it in this invocation
+    assert earlier_run(ctx, *selection("random", '{"id": "b"}\n'), ["prism"]) is None  # other rows
+    assert earlier_run(ctx, *selection("loss", '{"id": "a"}\n', lr=1e-3), ["prism"]) is None  # other settings
+    (root / "selection" / "less" / "selected.jsonl").write_text('{"id": "b"}\n')  # altered since its manifest
+    assert selected_rows(same["data"]) is None and earlier_run(ctx, same, None, ["prism"]) is None
 
 
 def test_a_copied_fine_tune_is_checked_against_the_donors_record_and_lands_whole(tmp_path):

@@ -118,20 +118,50 @@ def check_run_files(folder: Path, recorded: dict | None) -> None:
                                 "finished); delete the folder to redo that fine-tune, or rerun with --force")
 
 
-def earlier_run(ctx: StageContext, settings: dict) -> tuple[Path, dict] | None:
-    """A finished fine-tune of an earlier experiment of this pipeline and seed trained exactly as ``settings``, and
-    the files it recorded: the clean-pool ``oracle`` of every repair experiment and the ``full`` run of a forward
-    experiment on that pool are one run, and ``base`` is one model. Only earlier experiments: this invocation made
-    or checked them (``force`` redid them), so nothing left from another invocation is taken on trust; only runs
-    that recorded their files (checked again when copied)."""
-    if settings["data"].get("train_on") != "pool":
+def selected_rows(run_data: dict) -> dict | None:
+    """What a fine-tune on a finished selection trains on, whichever mode made it: the pool's sha256 and that of the
+    selection's ``selected.jsonl`` (the kept rows in pool order), from its manifest, once the file is checked against
+    it. ``None`` for a run on the pool or a selection not made yet."""
+    sel = run_data.get("selection")
+    if run_data.get("train_on") != "selection" or not sel:
         return None
-    want, top = training(plain_json(settings)), ctx.root.parent.parent
+    folder = Path(sel["output_dir"]) / sel["mode"]
+    made = read_json(folder / "manifest.json") or {}
+    digest = (made.get("files") or {}).get("selected.jsonl")
+    if not digest or not made.get("pool_sha256") or not (folder / "selected.jsonl").is_file() \
+            or file_sha256(folder / "selected.jsonl") != digest:
+        return None  # training reads the selection itself, and refuses it with the reason
+    return {"pool_sha256": made["pool_sha256"], "selected_sha256": digest}
+
+
+def trained_on(settings: dict, rows: dict | None) -> dict:
+    """``training(settings)``, with a selection replaced by the rows it selected (``selected_rows``): two modes
+    that keep the same rows make one fine-tune."""
+    out = training(settings)
+    if rows is not None:
+        out["data"] = {k: v for k, v in out["data"].items() if k != "selection"} | {"rows": rows}
+    return out
+
+
+def earlier_run(ctx: StageContext, settings: dict, rows: dict | None = None,
+                before: list[str] = ()) -> tuple[Path, dict] | None:
+    """A finished fine-tune of this pipeline and seed trained exactly as ``settings``, and the files it recorded:
+    the clean-pool ``oracle`` of every repair experiment and the ``full`` run of a forward experiment on that pool
+    are one run, ``base`` is one model, and modes whose selections keep the same rows (``rows``) train on the same
+    data. Only runs of earlier experiments and the runs ``before`` this one in its own experiment: this invocation
+    made or checked them (``force`` redid them), so nothing left from another invocation is taken on trust; only
+    runs that recorded their files (checked again when copied)."""
+    if settings["data"].get("train_on") != "pool" and rows is None:
+        return None
+    want, top = trained_on(plain_json(settings), rows), ctx.root.parent.parent
     names = [e.name for e in ctx.args.experiments]
-    for name in names[:names.index(ctx.exp.name)] if ctx.exp.name in names else []:
+    earlier = [(name, None) for name in (names[:names.index(ctx.exp.name)] if ctx.exp.name in names else [])]
+    for name, runs_of in [*earlier, (ctx.exp.name, list(before))]:
         for marker in sorted((top / name / f"seed-{ctx.seed}" / "finetune").glob("*/stage.json")):
+            if runs_of is not None and marker.parent.name not in runs_of:
+                continue
             done = read_json(marker)
-            if done and done.get("files") and training(done["settings"]) == want:
+            if done and done.get("files") and trained_on(done["settings"], done.get("rows")) == want:
                 return marker.parent, done["files"]
     return None
 
@@ -150,7 +180,7 @@ def run(ctx: StageContext) -> None:
     """Fine-tune and evaluate every run (each with its own ``stage.json``); the numbers go to ``ctx.results``. A run
     trained exactly as one of an earlier experiment (``earlier_run``) is copied from it, not trained again."""
     optim = replace(ctx.model.optim_args, lr=ctx.args.finetune_lr)
-    out = {}
+    out, finished = {}, []
     for name, run_data in runs(ctx).items():
         folder = ctx.root / "finetune" / name
         epochs = 0 if name == "base" else ctx.args.finetune_epochs
@@ -161,7 +191,8 @@ def run(ctx: StageContext) -> None:
         done = Stage(folder, settings, ctx.force)
         if not done.todo:
             check_run_files(folder, done.record.get("files"))
-        same = earlier_run(ctx, settings) if done.todo else None
+        rows = None if every else selected_rows(data)  # a re-selecting run re-selects from the stores as it trains
+        same = earlier_run(ctx, settings, rows, finished) if done.todo else None
         where = same and str(same[0].relative_to(ctx.root.parent.parent))
         detail = f"the same run as {where}, copied" if same else run_detail(ctx, name, epochs)
         with done as st, ctx.progress.stage(f"{ctx.version} finetune/{name}", detail, st.todo):
@@ -184,6 +215,9 @@ def run(ctx: StageContext) -> None:
                 trainer.test(module, datamodule=dm, verbose=False)
             if st.todo and is_rank0():
                 st.extra["files"] = run_files(folder)
+                if rows is not None:
+                    st.extra["rows"] = rows
+        finished.append(name)
         metrics = read_json(folder / "metrics-test.json", {})
         out[name] = {k: metrics.get(M.metric_key(k, ctx.exp.subtask), float("nan"))
                      for k in (M.EXACT_MATCH, M.PREF_ACC, M.WANTED, M.UNWANTED)}
