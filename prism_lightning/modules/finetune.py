@@ -191,7 +191,8 @@ def run(ctx: StageContext) -> None:
         done = Stage(folder, settings, ctx.force)
         if not done.todo:
             check_run_files(folder, done.record.get("files"))
-        rows = None if every else selected_rows(data)  # a re-selecting run re-selects from the stores as it trains
+        # what a run still to make trains on (a re-selecting run re-selects from the stores as it trains)
+        rows = selected_rows(data) if done.todo and not every else None
         same = earlier_run(ctx, settings, rows, finished) if done.todo else None
         where = same and str(same[0].relative_to(ctx.root.parent.parent))
         detail = f"the same run as {where}, copied" if same else run_detail(ctx, name, epochs)
